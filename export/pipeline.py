@@ -1,0 +1,225 @@
+"""The export pipeline as named stages: load -> adapt -> trace -> describe -> verify -> commit.
+
+Everything is written into a temporary directory beside OUT, which is moved into place only once the model has
+passed verification; on any failure the temporary directory is removed and OUT is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import fastllm
+from export import trace as trace_stage
+from export.decoder import DecoderLM
+from export.registry import Adapted, adapter_for
+from export.verify import VerifyReport, verify
+from fastllm.errors import ExportError, FastLLMError, ModelLoadError
+from fastllm.manifest import GraphInfo, Manifest
+
+Progress = Callable[[str], None]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# -- stage 1: load ------------------------------------------------------------------------------------------------
+def load_source(src: Path):
+    """A local Hugging Face model directory -> the transformers model in float32, eager attention."""
+    if not src.is_dir():
+        raise ModelLoadError(f"source {str(src)!r} is not a directory; pass a local Hugging Face model directory "
+                             "(config.json, *.safetensors, tokenizer files)")
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{str(src)!r} has no config.json; pass a Hugging Face model directory")
+    try:
+        architectures = json.loads(config_path.read_text()).get("architectures") or []
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{config_path} is not valid JSON ({e})") from None
+    if not architectures:
+        raise ModelLoadError(f"{config_path} names no architectures; it must list one, e.g. LlamaForCausalLM")
+    adapter_for(architectures[0])  # refuse an unsupported architecture before loading any weights
+
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
+    except Exception as e:
+        raise ModelLoadError(f"transformers could not load {src}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+
+
+# -- stage 2: adapt -----------------------------------------------------------------------------------------------
+def adapt(hf_model, max_context: int | None) -> tuple[DecoderLM, Adapted]:
+    config = hf_model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if max_context is not None and (max_context < 2 or (limit and max_context > limit)):
+        raise ExportError(f"max_context must be in [2, {limit}] for this model, got {max_context}")
+    max_context = max_context or limit
+    adapted = adapter_for(type(hf_model).__name__)(hf_model, max_context)
+    module = DecoderLM(adapted.spec, adapted.cos_table, adapted.sin_table)
+    missing, unexpected = module.load_state_dict(adapted.state_dict, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and adapted.spec.tie_embeddings)]
+    if missing or unexpected:
+        raise ExportError(f"adapting {adapted.spec.architecture}: missing weights {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    return module.eval(), adapted
+
+
+# -- stage 4: describe (manifest, tokenizer) ----------------------------------------------------------------------
+def token_ids(hf_model) -> tuple[tuple[int, ...], int | None, int | None]:
+    config, gen = hf_model.config, getattr(hf_model, "generation_config", None)
+    eos: list[int] = []
+    for source in (gen, config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        for t in [value] if isinstance(value, int) else (value or []):
+            if t not in eos and 0 <= t < config.vocab_size:
+                eos.append(t)
+
+    def first(name):
+        for source in (gen, config):
+            value = getattr(source, name, None) if source is not None else None
+            if isinstance(value, int) and 0 <= value < config.vocab_size:
+                return value
+        return None
+
+    pad = first("pad_token_id")
+    return tuple(eos), first("bos_token_id"), pad if pad is not None else (eos[0] if eos else None)
+
+
+def write_tokenizer(tokenizer, directory: Path) -> str | None:
+    """Copy or save the tokenizer as tokenizer.json (plus its config files). Returns the file name or None."""
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, (str, os.PathLike)):
+        src = Path(tokenizer)
+        if src.is_file():
+            shutil.copy(src, directory / "tokenizer.json")
+            return "tokenizer.json"
+        copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+        for name in copied:
+            shutil.copy(src / name, directory / name)
+        if "tokenizer.json" in copied:
+            return "tokenizer.json"
+        try:  # e.g. only a sentencepiece tokenizer.model: let transformers convert it
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(src)
+        except Exception:
+            return None
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if not hasattr(backend, "to_str"):
+        raise ExportError(f"cannot save tokenizer of type {type(tokenizer).__name__}; pass a tokenizers.Tokenizer, "
+                          "a fast transformers tokenizer or a directory holding tokenizer.json")
+    backend.save(str(directory / "tokenizer.json"))
+    return "tokenizer.json"
+
+
+def versions() -> dict:
+    out = {"fastllm": fastllm.__version__}
+    for name in ("torch", "transformers", "onnx", "onnxruntime"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def describe(hf_model, adapted: Adapted, graph, tokenizer_file: str | None, source: str) -> Manifest:
+    spec = adapted.spec
+    eos, bos, pad = token_ids(hf_model)
+    gen = getattr(hf_model, "generation_config", None)
+    generation = {k: getattr(gen, k) for k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+                  if gen is not None and getattr(gen, k, None) is not None}
+    rope = None
+    if spec.positions == "rope":
+        from export.architectures.rope import rope_parameters
+
+        rope = {"rotary_dim": spec.rotary_dim, **rope_parameters(hf_model.config)}
+    return Manifest(
+        architecture=spec.architecture, num_layers=spec.num_layers, num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, hidden_size=spec.hidden_size,
+        vocab_size=spec.vocab_size, max_context=spec.max_context, precision="fp32",
+        graph=GraphInfo(kind="portable", file=trace_stage.GRAPH_FILE,
+                        inputs=trace_stage.tensor_infos(graph.graph.input),
+                        outputs=trace_stage.tensor_infos(graph.graph.output)),
+        eos_token_ids=eos, bos_token_id=bos, pad_token_id=pad, rope=rope, tokenizer=tokenizer_file,
+        generation=generation, source={"path": source, "versions": versions()},
+    )
+
+
+# -- stage 6: commit ----------------------------------------------------------------------------------------------
+def check_destination(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"OUT {str(out)!r} exists and is not a directory; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"OUT {str(out)!r} exists and is not empty; choose another path or pass --overwrite")
+
+
+def commit(tmp: Path, out: Path) -> None:
+    """Move the finished directory into place, replacing OUT only now that the new one is complete."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- the pipeline -------------------------------------------------------------------------------------------------
+def export_pretrained(model, out, *, tokenizer=None, max_context: int | None = None, overwrite: bool = False,
+                      threads: int | None = None, progress: Progress = _quiet, source: str = "in-memory") -> Manifest:
+    """Export an in-memory transformers causal LM to the model directory OUT, verified against the model itself."""
+    out = Path(out)
+    check_destination(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        t0 = time.perf_counter()
+        model = model.float().eval()
+        progress(f"adapt: {type(model).__name__}")
+        module, adapted = adapt(model, max_context)
+        progress(f"trace: {adapted.spec.num_layers} layers, hidden {adapted.spec.hidden_size}, "
+                 f"vocab {adapted.spec.vocab_size}, context {adapted.spec.max_context} -> ONNX opset {trace_stage.OPSET}")
+        graph = trace_stage.trace(module, tmp)
+        del module
+        progress("describe: manifest and tokenizer")
+        manifest = describe(model, adapted, graph, write_tokenizer(tokenizer, tmp), source)
+        manifest.write(tmp)
+        progress("verify: logits and greedy tokens against PyTorch")
+        report: VerifyReport = verify(model, tmp, threads=threads)
+        progress(f"verify: max |Δlogits| {report.max_abs_diff:.2e} (tolerance {report.tolerance:.2e}), "
+                 f"greedy {report.new_tokens} tokens identical")
+        manifest = Manifest.from_dict({**manifest.to_dict(), "verification": report.to_dict()})
+        manifest.write(tmp)
+        commit(tmp, out)
+        progress(f"done in {time.perf_counter() - t0:.1f}s: {out}")
+        return manifest
+    except FastLLMError:
+        raise
+    except Exception as e:
+        raise ExportError(f"export failed: {type(e).__name__}: {e}") from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_model(src, out, *, max_context: int | None = None, overwrite: bool = False, threads: int | None = None,
+                 progress: Progress = _quiet) -> Manifest:
+    """Export the Hugging Face model directory SRC to the fastllm model directory OUT."""
+    src, out = Path(src), Path(out)
+    check_destination(out, overwrite)
+    progress(f"load: {src}")
+    model = load_source(src)
+    return export_pretrained(model, out, tokenizer=src, max_context=max_context, overwrite=overwrite,
+                             threads=threads, progress=progress, source=str(src.resolve()))

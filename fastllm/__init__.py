@@ -1,0 +1,31 @@
+"""fastllm: run decoder language models exported to ONNX, with a KV cache, on ONNX Runtime.
+
+    engine = fastllm.load("model_dir")
+    print(engine.generate("Hello", fastllm.SamplingParams(max_new_tokens=32)).text)
+
+The runtime imports only numpy, onnxruntime and tokenizers; export lives in the separate `export` package.
+"""
+
+from fastllm.engine import Completion, Engine, load
+from fastllm.errors import (
+    ContextLengthError,
+    DeviceError,
+    ExportError,
+    FastLLMError,
+    InvalidParameterError,
+    InvalidPromptError,
+    ManifestError,
+    ModelLoadError,
+    UnsupportedArchitectureError,
+    VerificationError,
+)
+from fastllm.manifest import FORMAT_VERSION, Manifest
+from fastllm.sampler import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Completion", "ContextLengthError", "DeviceError", "Engine", "ExportError", "FORMAT_VERSION", "FastLLMError",
+    "InvalidParameterError", "InvalidPromptError", "Manifest", "ManifestError", "ModelLoadError", "SamplingParams",
+    "UnsupportedArchitectureError", "VerificationError", "load",
+]

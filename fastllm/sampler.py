@@ -1,0 +1,132 @@
+"""SamplingParams and the one `sample()` that turns a row of logits into a token id."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastllm.errors import InvalidParameterError
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidParameterError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature == 0 is greedy; the filters apply in the order listed here.
+
+    repetition_penalty follows the CTRL / Hugging Face rule over prompt and output tokens (a seen token's positive
+    logit is divided by it, a negative one multiplied); presence_penalty and frequency_penalty follow the OpenAI
+    rule over output tokens (logit -= presence * [count > 0] + frequency * count).
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()  # stop strings, not included in the text
+    stop_token_ids: tuple[int, ...] = ()  # ends the sequence in addition to the model's EOS ids
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+    seed: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+               f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        _check(_is_number(self.temperature) and self.temperature >= 0,
+               f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        _check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
+        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+               f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_number(value) and -2 <= value <= 2, f"{name} must be in [-2, 2], got {value!r}")
+        _check(all(isinstance(s, str) and s for s in self.stop),
+               f"stop must be non-empty strings, got {self.stop!r}")
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+               f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        _check(self.seed is None or _is_int(self.seed) and self.seed >= 0,
+               f"seed must be a non-negative integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+class TokenHistory:
+    """What the penalties need for one sequence: which tokens were seen, and how often each was generated."""
+
+    def __init__(self, vocab_size: int, prompt_ids):
+        self.seen = np.zeros(vocab_size, dtype=bool)
+        self.seen[np.asarray(prompt_ids, dtype=np.int64)] = True
+        self.counts = np.zeros(vocab_size, dtype=np.int32)
+
+    def add(self, token: int) -> None:
+        self.seen[token] = True
+        self.counts[token] += 1
+
+
+def apply_penalties(logits: np.ndarray, params: SamplingParams, history: TokenHistory | None) -> np.ndarray:
+    if history is None:
+        return logits
+    if params.repetition_penalty != 1.0:
+        seen = history.seen
+        logits[seen] = np.where(logits[seen] > 0, logits[seen] / params.repetition_penalty,
+                                logits[seen] * params.repetition_penalty)
+    if params.presence_penalty or params.frequency_penalty:
+        logits -= params.presence_penalty * (history.counts > 0) + params.frequency_penalty * history.counts
+    return logits
+
+
+def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The distribution sampling draws from, after temperature, top_k, top_p and min_p (float64, sums to 1)."""
+    x = logits.astype(np.float64) / params.temperature
+    if 0 < params.top_k < x.size:
+        kth = np.partition(x, -params.top_k)[-params.top_k]
+        x[x < kth] = -np.inf
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cumulative = np.cumsum(p[order])
+        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
+        cut = int(np.searchsorted(cumulative, params.top_p, side="left")) + 1
+        p[order[cut:]] = 0.0
+        p /= p.sum()
+    if params.min_p > 0.0:
+        p[p < params.min_p * p.max()] = 0.0
+        p /= p.sum()
+    return p
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+           history: TokenHistory | None = None) -> int:
+    """logits: (vocab,) for one sequence. Returns the chosen token id."""
+    logits = apply_penalties(np.array(logits, dtype=np.float32), params, history)
+    if params.greedy:
+        return int(np.argmax(logits))
+    p = probabilities(logits, params)
+    cumulative = np.cumsum(p)
+    return int(min(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"), p.size - 1))

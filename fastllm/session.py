@@ -1,0 +1,143 @@
+"""The ONNX Runtime session behind an engine: provider selection, threads, and checking the graph against the manifest."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from fastllm.errors import DeviceError, InvalidParameterError, ManifestError, ModelLoadError
+from fastllm.kv_cache import KVCache
+from fastllm.manifest import REEXPORT_HINT, Manifest
+
+_ORT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32",
+              "tensor(float16)": "float16"}
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where the session runs: ORT's device type name for OrtValues and IO binding, and the device index."""
+
+    kind: str  # "cpu" | "cuda"
+    index: int = 0
+
+    @classmethod
+    def parse(cls, device: str) -> "Device":
+        if not isinstance(device, str):
+            raise InvalidParameterError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        kind, _, index = device.partition(":")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+            raise InvalidParameterError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        return cls(kind, int(index or 0))
+
+    @property
+    def provider(self) -> str:
+        return {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[self.kind]
+
+    def ortvalue(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(array, self.kind, self.index)
+
+
+def providers_for(device: Device) -> list:
+    available = ort.get_available_providers()
+    if device.provider not in available:
+        raise DeviceError(
+            f"device {device.kind!r} needs {device.provider}, but this onnxruntime "
+            f"({ort.__version__}, package {_ort_package()}) offers only {available}; "
+            + ("install the GPU build with `pip install fastllm[gpu]` (onnxruntime-gpu, CUDA 12) "
+               "or load with device='cpu'" if device.kind == "cuda" else "reinstall onnxruntime")
+        )
+    if device.kind == "cuda":
+        return [("CUDAExecutionProvider", {"device_id": device.index}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _ort_package() -> str:
+    from importlib import metadata
+
+    for name in ("onnxruntime-gpu", "onnxruntime"):
+        try:
+            metadata.version(name)
+            return name
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise InvalidParameterError(f"threads must be a positive integer or None (all cores), got {threads!r}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0  # 0: ORT picks the physical core count
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
+def open_session(directory: Path, manifest: Manifest, *, device: Device, threads: int | None) -> ort.InferenceSession:
+    path = directory / manifest.graph.file
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; the model directory is incomplete, re-export it with "
+                             "`fastllm export SRC OUT`")
+    providers = providers_for(device)
+    try:
+        session = ort.InferenceSession(os.fspath(path), sess_options=session_options(threads), providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"onnxruntime could not load {path}: {first_line}; the file is corrupt or "
+                             "incomplete, re-export it with `fastllm export SRC OUT`") from None
+    if session.get_providers()[0] != device.provider:
+        raise DeviceError(f"onnxruntime did not start {device.provider} (it runs {session.get_providers()}); "
+                          "check the CUDA and cuDNN libraries onnxruntime-gpu needs, or load with device='cpu'")
+    check_graph(session, manifest)
+    return session
+
+
+def check_graph(session: ort.InferenceSession, manifest: Manifest) -> None:
+    """Refuse a manifest that disagrees with the graph's inputs and outputs."""
+    for kind, declared, actual in (("input", manifest.graph.inputs, session.get_inputs()),
+                                   ("output", manifest.graph.outputs, session.get_outputs())):
+        graph = {t.name: _ORT_TYPES.get(t.type, t.type) for t in actual}
+        listed = {t.name: t.dtype for t in declared}
+        if graph != listed:
+            missing = sorted(set(listed) - set(graph))
+            extra = sorted(set(graph) - set(listed))
+            wrong = sorted(n for n in set(graph) & set(listed) if graph[n] != listed[n])
+            raise ManifestError(
+                f"fastllm.json disagrees with {manifest.graph.file}'s {kind}s (in manifest only: {missing}, "
+                f"in graph only: {extra}, dtype differs: {wrong}); {REEXPORT_HINT}"
+            )
+
+
+class Session:
+    """One forward pass of the decoder graph per call, through a per-request IO binding."""
+
+    def __init__(self, directory: Path, manifest: Manifest, *, device: Device, threads: int | None):
+        self.manifest = manifest
+        self.device = device
+        self.ort = open_session(directory, manifest, device=device, threads=threads)
+
+    def new_cache(self, batch: int) -> KVCache:
+        return KVCache(self.manifest, self.device, batch)
+
+    def forward(self, cache: KVCache, binding: ort.IOBinding, input_ids: np.ndarray, attention_mask: np.ndarray,
+                position_ids: np.ndarray, logits_to_keep: int = 1) -> np.ndarray:
+        """input_ids/position_ids (batch, seq) int64, attention_mask (batch, cache.length + seq) int64.
+
+        Returns logits (batch, logits_to_keep, vocab) as a host array and advances the cache.
+        """
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        binding.bind_cpu_input("position_ids", position_ids)
+        binding.bind_cpu_input("logits_to_keep", np.array(logits_to_keep, dtype=np.int64))
+        binding.bind_output("logits", "cpu")
+        cache.bind(binding)
+        self.ort.run_with_iobinding(binding)
+        outputs = binding.get_outputs()  # logits, then presents in bind order
+        cache.advance(outputs[1:], input_ids.shape[1])
+        return outputs[0].numpy()
