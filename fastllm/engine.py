@@ -218,8 +218,9 @@ def _is_id_list(value) -> bool:
 def load(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None) -> Engine:
     """Open a model directory written by `fastllm export`."""
     directory = Path(path)
+    where = Device.parse(device)
     manifest = Manifest.read(directory)
-    session = Session(directory, manifest, device=Device.parse(device), threads=threads)
+    session = Session(directory, manifest, device=where, threads=threads)
     tokenizer = None
     if manifest.tokenizer:
         tok_path = directory / manifest.tokenizer

@@ -85,8 +85,9 @@ def open_session(directory: Path, manifest: Manifest, *, device: Device, threads
         raise ModelLoadError(f"{path} is missing; the model directory is incomplete, re-export it with "
                              "`fastllm export SRC OUT`")
     providers = providers_for(device)
+    options = session_options(threads)
     try:
-        session = ort.InferenceSession(os.fspath(path), sess_options=session_options(threads), providers=providers)
+        session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"onnxruntime could not load {path}: {first_line}; the file is corrupt or "

@@ -1,0 +1,124 @@
+"""The `fastllm` command: generate, info, and subcommands registered by other packages (export)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from fastllm.errors import FastLLMError
+
+
+def add_generate(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a prompt (streams by default)")
+    p.add_argument("model", help="model directory written by `fastllm export`")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--no-stream", action="store_true", help="print the whole completion at the end, with timings")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    import fastllm
+
+    params = fastllm.SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop))
+    engine = fastllm.load(args.model, device=args.device, threads=args.threads)
+    if args.no_stream:
+        c = engine.generate(args.prompt, params)
+        print(c.text)
+        print(f"[{c.prompt_tokens} prompt + {c.completion_tokens} new tokens, finish: {c.finish_reason}, "
+              f"TTFT {c.ttft_s * 1e3:.1f} ms, TPOT {c.tpot_s * 1e3:.2f} ms, {c.tokens_per_s:.1f} tok/s]",
+              file=sys.stderr)
+        return 0
+    stream = engine.stream(args.prompt, params)
+    try:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:
+        stream.close()
+    sys.stdout.write("\n")
+    return 0
+
+
+def add_info(subparsers) -> None:
+    p = subparsers.add_parser("info", help="summarise a model directory's manifest")
+    p.add_argument("model")
+    p.set_defaults(func=run_info)
+
+
+def run_info(args) -> int:
+    from fastllm.manifest import Manifest
+
+    m = Manifest.read(args.model)
+    files = sorted(Path(args.model).iterdir())
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    lines = [
+        f"model:        {args.model}",
+        f"architecture: {m.architecture} (manifest format {m.format_version})",
+        f"shape:        {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads / {m.num_kv_heads} kv heads,"
+        f" head dim {m.head_dim}, vocab {m.vocab_size}",
+        f"context:      {m.max_context} tokens" + (f", rope {m.rope}" if m.rope else ", learned positions"),
+        f"precision:    {m.precision}" + (f", quantization {m.quantization}" if m.quantization else ""),
+        f"graph:        {m.graph.kind}, {m.graph.file}, KV {m.graph.kv_layout}",
+        f"tokens:       eos {list(m.eos_token_ids)}, bos {m.bos_token_id}, pad {m.pad_token_id}",
+        f"tokenizer:    {m.tokenizer or 'none (token ids only)'}",
+        f"size on disk: {size / 1e6:.2f} MB in {len(files)} files",
+    ]
+    v = m.verification
+    if v:
+        lines.append(f"verified:     max |Δlogits| {v['max_abs_diff']:.2e} (tolerance {v['tolerance']:.2e}) vs "
+                     f"{v['reference']}, greedy {v['new_tokens']} tokens "
+                     f"{'identical' if v['greedy_match'] else 'DIFFER'}")
+    print("\n".join(lines))
+    return 0
+
+
+def add_plugins(subparsers) -> None:
+    """Subcommands other packages register under the `fastllm.commands` entry point group (e.g. export)."""
+    for ep in entry_points(group="fastllm.commands"):
+        try:
+            ep.load()(subparsers)
+        except ImportError as e:
+            p = subparsers.add_parser(ep.name, help=f"(unavailable: {e})")
+            p.set_defaults(func=lambda _a, e=e, name=ep.name: _unavailable(name, e))
+
+
+def _unavailable(name: str, error: ImportError) -> int:
+    raise FastLLMError(f"`fastllm {name}` is not installed ({error}); install it with pip install 'fastllm[export]'")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastllm", description="Fast inference for decoder LMs exported to ONNX.")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_generate(sub)
+    add_info(sub)
+    add_plugins(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FastLLMError as e:
+        print(f"fastllm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

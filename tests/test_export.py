@@ -1,0 +1,126 @@
+"""Export: every architecture passes verification inside export; failures leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+import fastllm
+from export import export_model
+from export.registry import supported
+from export.tiny import TINY_ARCHITECTURES
+from fastllm.manifest import FORMAT_VERSION, MANIFEST_NAME
+
+
+def test_every_listed_architecture_is_registered():
+    assert set(TINY_ARCHITECTURES) <= set(supported())
+
+
+def test_verification_figures_are_recorded(exported, arch):
+    manifest, path = exported[arch]
+    v = manifest.verification
+    assert v["passed"] and v["greedy_match"] and v["first_mismatch"] is None
+    assert v["max_abs_diff"] <= v["tolerance"] == pytest.approx(1e-4 * max(1.0, v["max_abs_logit"]))
+    assert v["new_tokens"] == 32 and v["decode_steps"] >= 8 and len(set(v["prompt_lengths"])) == 2
+    on_disk = json.loads((path / MANIFEST_NAME).read_text())
+    assert on_disk["format_version"] == FORMAT_VERSION and on_disk["verification"] == json.loads(json.dumps(v))
+
+
+def test_model_directory_layout(exported, arch):
+    manifest, path = exported[arch]
+    names = {p.name for p in path.iterdir()}
+    assert {"model.onnx", "model.onnx.data", "fastllm.json", "tokenizer.json"} <= names
+    assert not [n for n in names if n.startswith(".")]
+    graph = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    assert [i.name for i in graph.graph.input] == [t.name for t in manifest.graph.inputs]
+    # the weights live in model.onnx.data, so models over 2 GB load the same way
+    assert (path / "model.onnx").stat().st_size < (path / "model.onnx.data").stat().st_size
+    assert manifest.architecture == arch and manifest.precision == "fp32" and manifest.graph.kind == "portable"
+    assert manifest.eos_token_ids == (0,) and manifest.pad_token_id == 1
+
+
+def test_failed_verification_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
+    # Break the adapter for real (drop Mistral's sliding window): the traced graph is then wrong for long
+    # sequences and verification must stop the export.
+    import export.architectures.llama as llama
+
+    monkeypatch.setattr(llama, "sliding_windows", lambda *a: ())
+    out = tmp_path / "out"
+    with pytest.raises(fastllm.VerificationError, match=r"verification failed at decode \d+: max \|Δlogits\|"):
+        export_model(hf_dirs["MistralForCausalLM"], out)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_architecture_names_the_supported_ones(hf_dirs, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_dirs["GPT2LMHeadModel"], src)
+    config = json.loads((src / "config.json").read_text())
+    config["architectures"] = ["FalconForCausalLM"]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(fastllm.UnsupportedArchitectureError, match="'FalconForCausalLM' is not supported.*"
+                                                                   "LlamaForCausalLM.*Phi3ForCausalLM"):
+        export_model(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_source_and_occupied_destination(hf_dirs, tmp_path):
+    with pytest.raises(fastllm.ModelLoadError, match="is not a directory"):
+        export_model(tmp_path / "nope", tmp_path / "out")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(fastllm.ExportError, match="not empty.*--overwrite"):
+        export_model(hf_dirs["GPT2LMHeadModel"], tmp_path / "busy")
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_a_previous_export(hf_dirs, tmp_path):
+    out = tmp_path / "out"
+    export_model(hf_dirs["GPT2LMHeadModel"], out, max_context=64)
+    manifest = export_model(hf_dirs["GPT2LMHeadModel"], out, overwrite=True, max_context=128)
+    assert manifest.max_context == 128 == fastllm.load(out).manifest.max_context
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_export_in_memory_model(hf_models, tokenizer, tmp_path):
+    from export import export_pretrained
+
+    manifest = export_pretrained(hf_models["Qwen2ForCausalLM"], tmp_path / "m", tokenizer=tokenizer)
+    assert manifest.verification["passed"]
+    engine = fastllm.load(tmp_path / "m")
+    assert engine.generate("hello", fastllm.SamplingParams(max_new_tokens=4)).completion_tokens >= 1
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64},
+])
+def test_llama_rope_scaling_variants(tokenizer, tmp_path, rope):
+    import torch
+    import transformers as tf
+
+    from export import export_pretrained
+    from export.tiny import tiny_config
+
+    config = tiny_config("LlamaForCausalLM", tokenizer.get_vocab_size())
+    config.rope_parameters = rope
+    torch.manual_seed(0)
+    manifest = export_pretrained(tf.LlamaForCausalLM(config), tmp_path / "m", tokenizer=tokenizer)
+    assert manifest.verification["passed"] and manifest.rope["rope_type"] == rope["rope_type"]
+
+
+def test_sequence_length_dependent_rope_is_refused(tokenizer, tmp_path):
+    import transformers as tf
+
+    from export import export_pretrained
+    from export.tiny import tiny_config
+
+    config = tiny_config("LlamaForCausalLM", tokenizer.get_vocab_size())
+    config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(fastllm.UnsupportedArchitectureError, match="rope_type 'dynamic'.*not supported"):
+        export_pretrained(tf.LlamaForCausalLM(config), tmp_path / "m", tokenizer=tokenizer)
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,79 @@
+"""fastllm greedy tokens equal transformers `generate(do_sample=False)`, alone and in a batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fastllm
+
+PROMPTS = [
+    "def main():",
+    "The quick brown fox jumps over the lazy dog, then keeps on running",
+    "Return",
+]
+NEW = 32
+
+
+def hf_greedy(model, tokenizer, prompts: list[str]) -> list[list[int]]:
+    """transformers generate, greedy, left-padded batch; tokens up to and including EOS."""
+    encoded = [tokenizer.encode(p).ids for p in prompts]
+    width = max(map(len, encoded))
+    ids = torch.full((len(encoded), width), 1, dtype=torch.int64)  # pad id 1
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(encoded):
+        ids[row, width - len(e):] = torch.tensor(e)
+        mask[row, width - len(e):] = 1
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=1)
+    results = []
+    for row in out[:, width:].tolist():
+        results.append(row[: row.index(0) + 1] if 0 in row else row)  # EOS id 0 ends a row; pads follow
+    return results
+
+
+def test_single_prompt_matches_transformers(engines, hf_models, tokenizer, arch):
+    params = fastllm.SamplingParams(max_new_tokens=NEW)
+    for prompt in PROMPTS:
+        ours = engines[arch].generate(prompt, params)
+        (theirs,) = hf_greedy(hf_models[arch], tokenizer, [prompt])
+        assert list(ours.token_ids) == theirs, prompt
+        assert ours.finish_reason == ("stop" if theirs[-1] == 0 else "length")
+
+
+def test_batch_of_three_matches_transformers_and_single_runs(engines, hf_models, tokenizer, arch):
+    params = fastllm.SamplingParams(max_new_tokens=NEW)
+    batch = engines[arch].generate(PROMPTS, params)
+    theirs = hf_greedy(hf_models[arch], tokenizer, PROMPTS)
+    assert [list(c.token_ids) for c in batch] == theirs
+    alone = [engines[arch].generate(p, params) for p in PROMPTS]
+    assert [c.token_ids for c in batch] == [c.token_ids for c in alone]
+    assert [c.text for c in batch] == [c.text for c in alone]
+    assert [c.prompt_tokens for c in batch] == [len(tokenizer.encode(p).ids) for p in PROMPTS]
+
+
+def test_token_id_prompts_equal_text_prompts(engines, tokenizer):
+    engine = engines["LlamaForCausalLM"]
+    params = fastllm.SamplingParams(max_new_tokens=8)
+    ids = tokenizer.encode(PROMPTS[0]).ids
+    assert engine.generate(ids, params).token_ids == engine.generate(PROMPTS[0], params).token_ids
+    assert engine.generate(np.array(ids), params).token_ids == engine.generate(PROMPTS[0], params).token_ids
+
+
+def test_prompt_is_not_recomputed(exported, monkeypatch):
+    """Prefill runs once over the prompt; every later step feeds exactly one new token per row."""
+    manifest, path = exported["LlamaForCausalLM"]
+    engine = fastllm.load(path)
+    seen = []
+    forward = engine.session.forward
+
+    def spy(cache, binding, input_ids, attention_mask, position_ids, logits_to_keep=1):
+        seen.append((input_ids.shape, attention_mask.shape, cache.length))
+        return forward(cache, binding, input_ids, attention_mask, position_ids, logits_to_keep)
+
+    monkeypatch.setattr(engine.session, "forward", spy)
+    c = engine.generate(["abc", "a longer prompt"], fastllm.SamplingParams(max_new_tokens=5, ignore_eos=True))
+    width = max(x.prompt_tokens for x in c)
+    assert seen[0] == ((2, width), (2, width), 0)
+    assert seen[1:] == [((2, 1), (2, width + i + 1), width + i) for i in range(4)]
