@@ -116,6 +116,18 @@ class Engine:
             if piece:
                 yield piece
 
+    def tokens(self, prompt, params: SamplingParams | None = None) -> Iterator[tuple[int | None, ...]]:
+        """The decode loop at token level: after each step, the new id of every prompt (None once it finished)."""
+        prompts, _ = self._encode(prompt)
+        counts = [0] * len(prompts)
+        for sequences in self._decode(prompts, params or SamplingParams()):
+            step = []
+            for row, seq in enumerate(sequences):
+                fresh = len(seq.token_ids) > counts[row]
+                counts[row] = len(seq.token_ids)
+                step.append(seq.token_ids[-1] if fresh else None)
+            yield tuple(step)
+
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise InvalidPromptError(f"{self.directory} has no tokenizer; pass token ids instead of text")

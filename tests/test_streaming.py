@@ -86,3 +86,12 @@ def test_one_engine_shared_between_threads(engines):
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda p: engine.generate(p, params).token_ids, prompts))
     assert together == alone
+
+
+def test_token_level_iterator_matches_generate(engines):
+    engine = engines["GPT2LMHeadModel"]
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, seed=2)
+    steps = list(engine.tokens(["The", "Return the value"], params))
+    batch = engine.generate(["The", "Return the value"], params)
+    for row, c in enumerate(batch):
+        assert tuple(t[row] for t in steps if t[row] is not None) == c.token_ids
