@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kernels.rotary import apply_rotary
+
 
 @dataclass(frozen=True)
 class DecoderSpec:
@@ -81,21 +83,6 @@ def make_norm(spec: DecoderSpec) -> nn.Module:
     return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps, bias=spec.norm_bias)
 
 
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x, cos, sin, rotary_dim: int):
-    """x: (batch, heads, seq, head_dim); cos/sin: (batch, 1, seq, rotary_dim // 2)."""
-    cos = torch.cat((cos, cos), dim=-1)
-    sin = torch.cat((sin, sin), dim=-1)
-    if rotary_dim == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    rot, keep = x[..., :rotary_dim], x[..., rotary_dim:]
-    return torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, spec: DecoderSpec, layer: int):
         super().__init__()
@@ -114,8 +101,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)  # (B, KV, S, hd)
         v = self.v_proj(x).view(batch, seq, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
         if spec.positions == "rope":
-            q = apply_rotary(q, cos, sin, spec.rotary_dim)
-            k = apply_rotary(k, cos, sin, spec.rotary_dim)
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
         k = torch.cat((past_k, k), dim=2)  # (B, KV, T, hd)
         v = torch.cat((past_v, v), dim=2)
         present_k, present_v = k, v
