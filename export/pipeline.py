@@ -20,10 +20,11 @@ import torch
 import fastllm
 from export import trace as trace_stage
 from export.decoder import DecoderLM
+from export.fused import fused_supported
 from export.registry import Adapted, adapter_for
 from export.verify import VerifyReport, verify
 from fastllm.errors import ExportError, FastLLMError, ModelLoadError
-from fastllm.manifest import GraphInfo, Manifest
+from fastllm.manifest import GRAPH_KINDS, GraphInfo, Manifest
 
 Progress = Callable[[str], None]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -134,7 +135,19 @@ def versions() -> dict:
     return out
 
 
-def describe(hf_model, adapted: Adapted, graph, tokenizer_file: str | None, source: str) -> Manifest:
+def choose_graph(spec, graph: str | None) -> str:
+    """The fused graph wherever it applies (the default), else the portable one; an explicit choice is checked."""
+    reason = fused_supported(spec)
+    if graph is None:
+        return "portable" if reason else "fused"
+    if graph not in GRAPH_KINDS:
+        raise ExportError(f"graph must be one of {', '.join(GRAPH_KINDS)}, got {graph!r}")
+    if graph == "fused" and reason:
+        raise ExportError(f"the fused graph does not apply to this model: {reason}; export with --graph portable")
+    return graph
+
+
+def describe(hf_model, adapted: Adapted, graph, kind: str, tokenizer_file: str | None, source: str) -> Manifest:
     spec = adapted.spec
     eos, bos, pad = token_ids(hf_model)
     gen = getattr(hf_model, "generation_config", None)
@@ -149,7 +162,7 @@ def describe(hf_model, adapted: Adapted, graph, tokenizer_file: str | None, sour
         architecture=spec.architecture, num_layers=spec.num_layers, num_heads=spec.num_heads,
         num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, hidden_size=spec.hidden_size,
         vocab_size=spec.vocab_size, max_context=spec.max_context, precision="fp32",
-        graph=GraphInfo(kind="portable", file=trace_stage.GRAPH_FILE,
+        graph=GraphInfo(kind=kind, file=trace_stage.GRAPH_FILE,
                         inputs=trace_stage.tensor_infos(graph.graph.input),
                         outputs=trace_stage.tensor_infos(graph.graph.output)),
         eos_token_ids=eos, bos_token_id=bos, pad_token_id=pad, rope=rope, tokenizer=tokenizer_file,
@@ -177,8 +190,9 @@ def commit(tmp: Path, out: Path) -> None:
 
 
 # -- the pipeline -------------------------------------------------------------------------------------------------
-def export_pretrained(model, out, *, tokenizer=None, max_context: int | None = None, overwrite: bool = False,
-                      threads: int | None = None, progress: Progress = _quiet, source: str = "in-memory") -> Manifest:
+def export_pretrained(model, out, *, tokenizer=None, graph: str | None = None, max_context: int | None = None,
+                      overwrite: bool = False, threads: int | None = None, progress: Progress = _quiet,
+                      source: str = "in-memory") -> Manifest:
     """Export an in-memory transformers causal LM to the model directory OUT, verified against the model itself."""
     out = Path(out)
     check_destination(out, overwrite)
@@ -189,12 +203,13 @@ def export_pretrained(model, out, *, tokenizer=None, max_context: int | None = N
         model = model.float().eval()
         progress(f"adapt: {type(model).__name__}")
         module, adapted = adapt(model, max_context)
-        progress(f"trace: {adapted.spec.num_layers} layers, hidden {adapted.spec.hidden_size}, "
+        kind = choose_graph(adapted.spec, graph)
+        progress(f"trace: {kind} graph, {adapted.spec.num_layers} layers, hidden {adapted.spec.hidden_size}, "
                  f"vocab {adapted.spec.vocab_size}, context {adapted.spec.max_context} -> ONNX opset {trace_stage.OPSET}")
-        graph = trace_stage.trace(module, tmp)
+        onnx_graph = trace_stage.trace(module, tmp, kind)
         del module
         progress("describe: manifest and tokenizer")
-        manifest = describe(model, adapted, graph, write_tokenizer(tokenizer, tmp), source)
+        manifest = describe(model, adapted, onnx_graph, kind, write_tokenizer(tokenizer, tmp), source)
         manifest.write(tmp)
         progress("verify: logits and greedy tokens against PyTorch")
         report: VerifyReport = verify(model, tmp, threads=threads)
@@ -214,12 +229,12 @@ def export_pretrained(model, out, *, tokenizer=None, max_context: int | None = N
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_model(src, out, *, max_context: int | None = None, overwrite: bool = False, threads: int | None = None,
-                 progress: Progress = _quiet) -> Manifest:
+def export_model(src, out, *, graph: str | None = None, max_context: int | None = None, overwrite: bool = False,
+                 threads: int | None = None, progress: Progress = _quiet) -> Manifest:
     """Export the Hugging Face model directory SRC to the fastllm model directory OUT."""
     src, out = Path(src), Path(out)
     check_destination(out, overwrite)
     progress(f"load: {src}")
     model = load_source(src)
-    return export_pretrained(model, out, tokenizer=src, max_context=max_context, overwrite=overwrite,
+    return export_pretrained(model, out, tokenizer=src, graph=graph, max_context=max_context, overwrite=overwrite,
                              threads=threads, progress=progress, source=str(src.resolve()))

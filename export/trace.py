@@ -1,4 +1,4 @@
-"""Stage: trace DecoderLM to ONNX (portable graph) and save it with its weights as external data."""
+"""Stage: trace DecoderLM to ONNX (fused or portable graph) and save it with its weights as external data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from export.decoder import DecoderLM
+from export.decoder import DecoderLM, DecoderSpec
+from export.fused import FusedDecoderGraph
 from fastllm.manifest import TensorInfo
 
 OPSET = 17
@@ -20,8 +21,11 @@ _ONNX_DTYPES = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"
                 onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
 
 
-def io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "attention_mask", "position_ids", "logits_to_keep"]
+def io_names(kind: str, num_layers: int) -> tuple[list[str], list[str]]:
+    if kind == "fused":
+        inputs = ["input_ids", "position_ids", "seqlens_k", "total_sequence_length", "logits_to_keep"]
+    else:
+        inputs = ["input_ids", "attention_mask", "position_ids", "logits_to_keep"]
     outputs = ["logits"]
     for i in range(num_layers):
         inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
@@ -29,43 +33,50 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
-    axes = {
-        "input_ids": {0: "batch", 1: "seq"},
-        "attention_mask": {0: "batch", 1: "total"},
-        "position_ids": {0: "batch", 1: "seq"},
-        "logits": {0: "batch", 1: "kept"},
-    }
+def dynamic_axes(kind: str, num_layers: int) -> dict[str, dict[int, str]]:
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
+            "logits": {0: "batch", 1: "kept"}}
+    if kind == "fused":
+        axes["seqlens_k"] = {0: "batch"}
+        past = present = {0: "batch", 2: "capacity"}
+    else:
+        axes["attention_mask"] = {0: "batch", 1: "total"}
+        past, present = {0: "batch", 2: "past"}, {0: "batch", 2: "total"}
     for i in range(num_layers):
-        for kind in ("key", "value"):
-            axes[f"past_key_values.{i}.{kind}"] = {0: "batch", 2: "past"}
-            axes[f"present.{i}.{kind}"] = {0: "batch", 2: "total"}
+        for kind_ in ("key", "value"):
+            axes[f"past_key_values.{i}.{kind_}"] = past
+            axes[f"present.{i}.{kind_}"] = present
     return axes
 
 
-def example_inputs(module: DecoderLM, batch: int = 2, seq: int = 3, past: int = 2) -> tuple:
-    spec = module.spec
-    kv = torch.zeros(batch, spec.num_kv_heads, past, spec.head_dim)  # (batch, kv_heads, past, head_dim)
-    return (
-        torch.ones(batch, seq, dtype=torch.int64),
-        torch.ones(batch, past + seq, dtype=torch.int64),
-        torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq).contiguous(),
-        torch.tensor(seq, dtype=torch.int64),
-        *([kv] * (2 * spec.num_layers)),
-    )
+def example_inputs(kind: str, spec: DecoderSpec, batch: int = 2, seq: int = 3, past: int = 2) -> tuple:
+    """Portable: a decode-like step after `past` tokens. Fused: a right-padded prompt into an 8-slot buffer."""
+    length = 8 if kind == "fused" else past
+    kv = torch.zeros(batch, spec.num_kv_heads, length, spec.head_dim)  # (batch, kv_heads, past|capacity, head_dim)
+    caches = [kv] * (2 * spec.num_layers)
+    ids = torch.ones(batch, seq, dtype=torch.int64)
+    keep = torch.tensor(seq, dtype=torch.int64)
+    if kind == "fused":
+        positions = torch.arange(seq, dtype=torch.int64).expand(batch, seq).contiguous()
+        seqlens = torch.tensor([seq - 1] + [seq - 2] * (batch - 1), dtype=torch.int32)
+        return (ids, positions, seqlens, torch.tensor(seq, dtype=torch.int32), keep, *caches)
+    positions = torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq).contiguous()
+    return (ids, torch.ones(batch, past + seq, dtype=torch.int64), positions, keep, *caches)
 
 
-def trace(module: DecoderLM, directory: Path) -> onnx.ModelProto:
-    """Write directory/model.onnx (+ model.onnx.data); returns the graph without weights loaded."""
+def trace(module: DecoderLM, directory: Path, kind: str) -> onnx.ModelProto:
+    """Write directory/model.onnx (+ model.onnx.data) for graph `kind`; returns the graph without weights."""
     module.eval()
-    inputs, outputs = io_names(module.spec.num_layers)
+    spec = module.spec
+    graph = FusedDecoderGraph(module) if kind == "fused" else module
+    inputs, outputs = io_names(kind, spec.num_layers)
     with tempfile.TemporaryDirectory(dir=directory) as scratch, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
         traced = Path(scratch) / "traced.onnx"
         torch.onnx.export(
-            module, example_inputs(module), str(traced), dynamo=False, opset_version=OPSET,
-            input_names=inputs, output_names=outputs, dynamic_axes=dynamic_axes(module.spec.num_layers),
-            do_constant_folding=True,
+            graph, example_inputs(kind, spec), str(traced), dynamo=False, opset_version=OPSET,
+            input_names=inputs, output_names=outputs, dynamic_axes=dynamic_axes(kind, spec.num_layers),
+            do_constant_folding=True, custom_opsets={"com.microsoft": 1},
         )
         model = onnx.load(str(traced), load_external_data=True)
     onnx.save_model(model, str(directory / GRAPH_FILE), save_as_external_data=True, all_tensors_to_one_file=True,

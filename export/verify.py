@@ -84,17 +84,14 @@ def verify(hf_model, model_dir: Path, *, prompt_lengths=(5, 11), decode_steps: i
     steps = max(decode_steps, new_tokens)
     ref_logits, ref_tokens = reference_steps(hf_model.float().eval(), ids, mask, steps)
 
-    # fastllm side: the same inputs through the runtime's session and cache, feeding the reference's tokens
+    # fastllm side: the same prompts through the runtime's session and cache, feeding the reference's tokens.
+    # Prefill logits come back aligned to each row's last token, as the left-padded reference's are.
     session = engine.session
-    cache, binding = session.new_cache(len(prompts)), session.ort.io_binding()
     width = ids.shape[1]
-    positions = np.maximum(mask.cumsum(-1) - 1, 0)
-    got = [session.forward(cache, binding, ids, mask, positions, logits_to_keep=width)]
-    full_mask = mask
+    cache, binding = session.new_cache(len(prompts), width, steps), session.ort.io_binding()
+    got = [session.forward(cache, binding, cache.prefill(prompts, pad), logits_to_keep=width)]
     for step in range(steps):
-        full_mask = np.concatenate([full_mask, np.ones((len(prompts), 1), np.int64)], axis=1)
-        positions = positions[:, -1:] + 1
-        got.append(session.forward(cache, binding, ref_tokens[:, step : step + 1].copy(), full_mask, positions))
+        got.append(session.forward(cache, binding, cache.decode(ref_tokens[:, step : step + 1].copy())))
 
     worst, worst_step, max_logit = 0.0, "prefill", 0.0
     real = mask.astype(bool)  # only real (unpadded) prefill positions carry meaning

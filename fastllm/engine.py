@@ -135,7 +135,8 @@ class Engine:
 
     # -- the one decode loop ----------------------------------------------------------------------------------
     def _decode(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[Sequence]]:
-        """Prefill all prompts (left-padded to one length), then decode one token per row per step.
+        """Prefill all prompts (padded to one width as the graph's cache lays them out), then decode one token per row
+        per step.
 
         Yields the sequences after every step; stops when every row has finished.
         """
@@ -144,19 +145,12 @@ class Engine:
         sequences = [Sequence(p, params, self, None if params.seed is None else params.seed + i)
                      for i, p in enumerate(prompts)]
         pad = self.manifest.pad_token_id if self.manifest.pad_token_id is not None else 0
-        input_ids = np.full((batch, width), pad, dtype=np.int64)  # (batch, width), left padded
-        mask = np.zeros((batch, width + params.max_new_tokens), dtype=np.int64)  # (batch, width + new)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = ids
-            mask[row, width - len(ids) :] = 1  # generated positions are always attended
-        positions = np.maximum(np.cumsum(mask[:, :width], axis=1) - 1, 0)  # (batch, width)
-        next_position = positions[:, -1:] + 1  # (batch, 1)
-        next_ids = np.full((batch, 1), pad, dtype=np.int64)
-
-        cache = self.session.new_cache(batch)
+        cache = self.session.new_cache(batch, width, params.max_new_tokens)
         binding = self.session.ort.io_binding()
+        logits = np.empty((batch, 1, self.manifest.vocab_size), dtype=np.float32)  # (B, 1, V), reused every step
+        next_ids = np.full((batch, 1), pad, dtype=np.int64)
         try:
-            logits = self.session.forward(cache, binding, input_ids, mask[:, :width].copy(), positions)
+            self.session.forward(cache, binding, cache.prefill(prompts, pad), out=logits)
             for step in range(params.max_new_tokens):
                 for row, seq in enumerate(sequences):
                     if seq.finish_reason is None:
@@ -165,9 +159,7 @@ class Engine:
                 yield sequences
                 if all(s.finish_reason is not None for s in sequences):
                     return
-                length = width + step + 1
-                logits = self.session.forward(cache, binding, next_ids, mask[:, :length].copy(), next_position)
-                next_position += 1
+                self.session.forward(cache, binding, cache.decode(next_ids), out=logits)
         finally:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()

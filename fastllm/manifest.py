@@ -13,7 +13,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "fastllm.json"
 REEXPORT_HINT = "re-export the model with `fastllm export SRC OUT` from this version of fastllm"
 
-GRAPH_KINDS = ("portable",)  # "portable": plain ONNX ops, past -> present by concatenation
+GRAPH_KINDS = ("fused", "portable")  # fused: ORT contrib ops, KV written in place; portable: plain ops, concat
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from fastllm.errors import DeviceError, InvalidParameterError, ManifestError, ModelLoadError
-from fastllm.kv_cache import KVCache
+from fastllm.kv_cache import CACHES, capacity_for
 from fastllm.manifest import REEXPORT_HINT, Manifest
 
 _ORT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32",
@@ -122,23 +122,29 @@ class Session:
         self.manifest = manifest
         self.device = device
         self.ort = open_session(directory, manifest, device=device, threads=threads)
+        self.input_names = {t.name for t in manifest.graph.inputs}
 
-    def new_cache(self, batch: int) -> KVCache:
-        return KVCache(self.manifest, self.device, batch)
+    def new_cache(self, batch: int, width: int, max_new_tokens: int):
+        """The KV cache of one request: `batch` prompts of up to `width` tokens, then `max_new_tokens` steps."""
+        return CACHES[self.manifest.graph.kind](self.manifest, self.device, batch,
+                                                capacity_for(self.manifest, width, max_new_tokens))
 
-    def forward(self, cache: KVCache, binding: ort.IOBinding, input_ids: np.ndarray, attention_mask: np.ndarray,
-                position_ids: np.ndarray, logits_to_keep: int = 1) -> np.ndarray:
-        """input_ids/position_ids (batch, seq) int64, attention_mask (batch, cache.length + seq) int64.
+    def forward(self, cache, binding: ort.IOBinding, feeds: dict[str, np.ndarray], *,
+                out: np.ndarray | None = None, logits_to_keep: int = 1) -> np.ndarray:
+        """Run one step with the inputs `cache.prefill()` or `cache.decode()` built.
 
-        Returns logits (batch, logits_to_keep, vocab) as a host array and advances the cache.
+        Returns logits (batch, logits_to_keep, vocab) on the host: written into `out` when given (a buffer
+        allocated once per request), otherwise a new array.
         """
-        binding.bind_cpu_input("input_ids", input_ids)
-        binding.bind_cpu_input("attention_mask", attention_mask)
-        binding.bind_cpu_input("position_ids", position_ids)
+        for name, array in feeds.items():
+            if name in self.input_names:  # graphs drop inputs they do not use (e.g. position_ids with rotary)
+                binding.bind_cpu_input(name, array)
         binding.bind_cpu_input("logits_to_keep", np.array(logits_to_keep, dtype=np.int64))
-        binding.bind_output("logits", "cpu")
+        if out is not None:
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))  # shares out's memory
+        else:
+            binding.bind_output("logits", "cpu")
         cache.bind(binding)
         self.ort.run_with_iobinding(binding)
-        outputs = binding.get_outputs()  # logits, then presents in bind order
-        cache.advance(outputs[1:], input_ids.shape[1])
-        return outputs[0].numpy()
+        cache.advance(binding)
+        return out if out is not None else binding.get_outputs()[0].numpy()

@@ -17,7 +17,7 @@ class FastGeluFn(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, bias):
-        return g.op("com.microsoft::FastGelu", x, bias)
+        return g.op("com.microsoft::FastGelu", x, bias).setType(x.type())
 
 
 def fast_gelu(x, bias):

@@ -77,8 +77,13 @@ class GroupQueryAttentionFn(torch.autograd.Function):
         inputs = [query, key, value, past_key, past_value, seqlens_k, total_sequence_length]
         if rotary:
             inputs += [cos_cache, sin_cache]
-        return g.op("com.microsoft::GroupQueryAttention", *inputs, num_heads_i=num_heads, kv_num_heads_i=kv_heads,
-                    do_rotary_i=int(rotary), local_window_size_i=local_window_size, outputs=3)
+        out, present_key, present_value = g.op(
+            "com.microsoft::GroupQueryAttention", *inputs, num_heads_i=num_heads, kv_num_heads_i=kv_heads,
+            do_rotary_i=int(rotary), local_window_size_i=local_window_size, outputs=3)
+        out.setType(query.type())
+        present_key.setType(past_key.type())
+        present_value.setType(past_value.type())
+        return out, present_key, present_value
 
 
 def group_query_attention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,

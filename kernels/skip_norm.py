@@ -28,6 +28,8 @@ class SkipRMSNormFn(torch.autograd.Function):
     def symbolic(g, x, skip, weight, eps):
         out, _mean, _inv_std, total = g.op("com.microsoft::SkipSimplifiedLayerNormalization", x, skip, weight,
                                            epsilon_f=eps, outputs=4)
+        out.setType(x.type())
+        total.setType(x.type())
         return out, total
 
 
@@ -40,6 +42,8 @@ class SkipLayerNormFn(torch.autograd.Function):
     def symbolic(g, x, skip, weight, bias, eps):
         out, _mean, _inv_std, total = g.op("com.microsoft::SkipLayerNormalization", x, skip, weight, bias,
                                            epsilon_f=eps, outputs=4)
+        out.setType(x.type())
+        total.setType(x.type())
         return out, total
 
 

@@ -18,19 +18,31 @@ def hf_dirs(tmp_path_factory, tokenizer):
     return {arch: build_tiny(arch, root / arch, tokenizer=tokenizer) for arch in TINY_ARCHITECTURES}
 
 
+GRAPHS = ("fused", "portable")
+VARIANTS = [(arch, graph) for arch in TINY_ARCHITECTURES for graph in GRAPHS]
+
+
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, hf_dirs):
+    """{(architecture, graph kind): (manifest, model directory)}; a bare architecture name means the fused graph."""
     from export import export_model
 
     root = tmp_path_factory.mktemp("fastllm")
-    return {arch: (export_model(src, root / arch), root / arch) for arch, src in hf_dirs.items()}
+    out = {}
+    for arch, graph in VARIANTS:
+        path = root / f"{arch}-{graph}"
+        out[arch, graph] = (export_model(hf_dirs[arch], path, graph=graph), path)
+        if graph == "fused":
+            out[arch] = out[arch, graph]
+    return out
 
 
 @pytest.fixture(scope="session")
 def engines(exported):
     import fastllm
 
-    return {arch: fastllm.load(path, threads=1) for arch, (_, path) in exported.items()}
+    loaded = {key: fastllm.load(path, threads=1) for key, (_, path) in exported.items() if isinstance(key, tuple)}
+    return {**loaded, **{arch: loaded[arch, "fused"] for arch in TINY_ARCHITECTURES}}
 
 
 @pytest.fixture(scope="session")
@@ -43,4 +55,10 @@ def hf_models(hf_dirs):
 
 @pytest.fixture(params=TINY_ARCHITECTURES)
 def arch(request):
+    return request.param
+
+
+@pytest.fixture(params=VARIANTS, ids=lambda v: f"{v[0]}-{v[1]}")
+def variant(request):
+    """(architecture, graph kind): every architecture in both graph kinds."""
     return request.param

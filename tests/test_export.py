@@ -18,8 +18,8 @@ def test_every_listed_architecture_is_registered():
     assert set(TINY_ARCHITECTURES) <= set(supported())
 
 
-def test_verification_figures_are_recorded(exported, arch):
-    manifest, path = exported[arch]
+def test_verification_figures_are_recorded(exported, variant):
+    manifest, path = exported[variant]
     v = manifest.verification
     assert v["passed"] and v["greedy_match"] and v["first_mismatch"] is None
     assert v["max_abs_diff"] <= v["tolerance"] == pytest.approx(1e-4 * max(1.0, v["max_abs_logit"]))
@@ -28,8 +28,9 @@ def test_verification_figures_are_recorded(exported, arch):
     assert on_disk["format_version"] == FORMAT_VERSION and on_disk["verification"] == json.loads(json.dumps(v))
 
 
-def test_model_directory_layout(exported, arch):
-    manifest, path = exported[arch]
+def test_model_directory_layout(exported, variant):
+    arch, kind = variant
+    manifest, path = exported[variant]
     names = {p.name for p in path.iterdir()}
     assert {"model.onnx", "model.onnx.data", "fastllm.json", "tokenizer.json"} <= names
     assert not [n for n in names if n.startswith(".")]
@@ -37,7 +38,7 @@ def test_model_directory_layout(exported, arch):
     assert [i.name for i in graph.graph.input] == [t.name for t in manifest.graph.inputs]
     # the weights live in model.onnx.data, so models over 2 GB load the same way
     assert (path / "model.onnx").stat().st_size < (path / "model.onnx.data").stat().st_size
-    assert manifest.architecture == arch and manifest.precision == "fp32" and manifest.graph.kind == "portable"
+    assert manifest.architecture == arch and manifest.precision == "fp32" and manifest.graph.kind == kind
     assert manifest.eos_token_ids == (0,) and manifest.pad_token_id == 1
 
 
@@ -124,3 +125,31 @@ def test_sequence_length_dependent_rope_is_refused(tokenizer, tmp_path):
     with pytest.raises(fastllm.UnsupportedArchitectureError, match="rope_type 'dynamic'.*not supported"):
         export_pretrained(tf.LlamaForCausalLM(config), tmp_path / "m", tokenizer=tokenizer)
     assert not (tmp_path / "m").exists()
+
+
+def test_fused_graph_structure(exported, arch):
+    """GroupQueryAttention in every layer writing the cache in place: nothing else touches the KV tensors."""
+    manifest, path = exported[arch, "fused"]
+    graph = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == manifest.num_layers
+    kv_names = set()
+    for layer in range(manifest.num_layers):
+        kv_names |= {*manifest.past_names(layer), *manifest.present_names(layer)}
+    for node in graph.node:
+        touches = kv_names & {*node.input, *node.output}
+        assert not touches or node.op_type == "GroupQueryAttention", (node.op_type, touches)
+    for node, layer in zip(gqa, range(manifest.num_layers)):
+        assert list(node.input[3:5]) == list(manifest.past_names(layer))
+        assert list(node.output[1:3]) == list(manifest.present_names(layer))
+    assert not [n for n in graph.node if n.op_type == "Concat" and kv_names & set(n.input)]
+    fused_ops = {n.op_type for n in graph.node}
+    assert {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"} & fused_ops
+    shapes = {t.name: t.shape for t in manifest.graph.inputs}
+    assert shapes["past_key_values.0.key"] == ("batch", manifest.num_kv_heads, "capacity", manifest.head_dim)
+
+
+def test_portable_graph_uses_only_standard_ops(exported, arch):
+    _, path = exported[arch, "portable"]
+    graph = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+    assert {n.domain for n in graph.node} <= {"", "ai.onnx"}

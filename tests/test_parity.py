@@ -33,21 +33,23 @@ def hf_greedy(model, tokenizer, prompts: list[str]) -> list[list[int]]:
     return results
 
 
-def test_single_prompt_matches_transformers(engines, hf_models, tokenizer, arch):
+def test_single_prompt_matches_transformers(engines, hf_models, tokenizer, variant):
+    arch, _ = variant
     params = fastllm.SamplingParams(max_new_tokens=NEW)
     for prompt in PROMPTS:
-        ours = engines[arch].generate(prompt, params)
+        ours = engines[variant].generate(prompt, params)
         (theirs,) = hf_greedy(hf_models[arch], tokenizer, [prompt])
         assert list(ours.token_ids) == theirs, prompt
         assert ours.finish_reason == ("stop" if theirs[-1] == 0 else "length")
 
 
-def test_batch_of_three_matches_transformers_and_single_runs(engines, hf_models, tokenizer, arch):
+def test_batch_of_three_matches_transformers_and_single_runs(engines, hf_models, tokenizer, variant):
+    arch, _ = variant
     params = fastllm.SamplingParams(max_new_tokens=NEW)
-    batch = engines[arch].generate(PROMPTS, params)
+    batch = engines[variant].generate(PROMPTS, params)
     theirs = hf_greedy(hf_models[arch], tokenizer, PROMPTS)
     assert [list(c.token_ids) for c in batch] == theirs
-    alone = [engines[arch].generate(p, params) for p in PROMPTS]
+    alone = [engines[variant].generate(p, params) for p in PROMPTS]
     assert [c.token_ids for c in batch] == [c.token_ids for c in alone]
     assert [c.text for c in batch] == [c.text for c in alone]
     assert [c.prompt_tokens for c in batch] == [len(tokenizer.encode(p).ids) for p in PROMPTS]
@@ -61,19 +63,19 @@ def test_token_id_prompts_equal_text_prompts(engines, tokenizer):
     assert engine.generate(np.array(ids), params).token_ids == engine.generate(PROMPTS[0], params).token_ids
 
 
-def test_prompt_is_not_recomputed(exported, monkeypatch):
+@pytest.mark.parametrize("graph", ["fused", "portable"])
+def test_prompt_is_not_recomputed(exported, monkeypatch, graph):
     """Prefill runs once over the prompt; every later step feeds exactly one new token per row."""
-    manifest, path = exported["LlamaForCausalLM"]
+    manifest, path = exported["LlamaForCausalLM", graph]
     engine = fastllm.load(path)
     seen = []
     forward = engine.session.forward
 
-    def spy(cache, binding, input_ids, attention_mask, position_ids, logits_to_keep=1):
-        seen.append((input_ids.shape, attention_mask.shape, cache.length))
-        return forward(cache, binding, input_ids, attention_mask, position_ids, logits_to_keep)
+    def spy(cache, binding, feeds, **kw):
+        seen.append(feeds["input_ids"].shape)
+        return forward(cache, binding, feeds, **kw)
 
     monkeypatch.setattr(engine.session, "forward", spy)
     c = engine.generate(["abc", "a longer prompt"], fastllm.SamplingParams(max_new_tokens=5, ignore_eos=True))
     width = max(x.prompt_tokens for x in c)
-    assert seen[0] == ((2, width), (2, width), 0)
-    assert seen[1:] == [((2, 1), (2, width + i + 1), width + i) for i in range(4)]
+    assert seen == [(2, width)] + [(2, 1)] * 4
