@@ -21,6 +21,7 @@ import fastllm
 from export import trace as trace_stage
 from export.decoder import DecoderLM
 from export.fused import fused_supported
+from export.optimize import optimize
 from export.registry import Adapted, adapter_for
 from export.verify import VerifyReport, verify
 from fastllm.errors import ExportError, FastLLMError, ModelLoadError
@@ -147,7 +148,8 @@ def choose_graph(spec, graph: str | None) -> str:
     return graph
 
 
-def describe(hf_model, adapted: Adapted, graph, kind: str, tokenizer_file: str | None, source: str) -> Manifest:
+def describe(hf_model, adapted: Adapted, graph, kind: str, optimized: dict | None, tokenizer_file: str | None,
+             source: str) -> Manifest:
     spec = adapted.spec
     eos, bos, pad = token_ids(hf_model)
     gen = getattr(hf_model, "generation_config", None)
@@ -164,7 +166,7 @@ def describe(hf_model, adapted: Adapted, graph, kind: str, tokenizer_file: str |
         vocab_size=spec.vocab_size, max_context=spec.max_context, precision="fp32",
         graph=GraphInfo(kind=kind, file=trace_stage.GRAPH_FILE,
                         inputs=trace_stage.tensor_infos(graph.graph.input),
-                        outputs=trace_stage.tensor_infos(graph.graph.output)),
+                        outputs=trace_stage.tensor_infos(graph.graph.output), optimized=optimized),
         eos_token_ids=eos, bos_token_id=bos, pad_token_id=pad, rope=rope, tokenizer=tokenizer_file,
         generation=generation, source={"path": source, "versions": versions()},
     )
@@ -208,8 +210,12 @@ def export_pretrained(model, out, *, tokenizer=None, graph: str | None = None, m
                  f"vocab {adapted.spec.vocab_size}, context {adapted.spec.max_context} -> ONNX opset {trace_stage.OPSET}")
         onnx_graph = trace_stage.trace(module, tmp, kind)
         del module
+        optimized = None
+        if kind == "fused":  # the portable graph stays plain ONNX: ORT's fusions would add contrib ops
+            progress("optimize: onnxruntime graph passes for cpu, saved with the model")
+            optimized = optimize(tmp, target="cpu")
         progress("describe: manifest and tokenizer")
-        manifest = describe(model, adapted, onnx_graph, kind, write_tokenizer(tokenizer, tmp), source)
+        manifest = describe(model, adapted, onnx_graph, kind, optimized, write_tokenizer(tokenizer, tmp), source)
         manifest.write(tmp)
         progress("verify: logits and greedy tokens against PyTorch")
         report: VerifyReport = verify(model, tmp, threads=threads)

@@ -40,6 +40,7 @@ class GraphInfo:
     past_value: str = "past_key_values.{layer}.value"
     present_key: str = "present.{layer}.key"
     present_value: str = "present.{layer}.value"
+    optimized: dict | None = None  # {"target": "cpu", "level": "extended", ...} when ORT's passes ran at export
 
     @classmethod
     def from_dict(cls, d: dict) -> "GraphInfo":

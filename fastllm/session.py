@@ -67,14 +67,16 @@ def _ort_package() -> str:
     return "unknown"
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None, *, preoptimized: bool = False) -> ort.SessionOptions:
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise InvalidParameterError(f"threads must be a positive integer or None (all cores), got {threads!r}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or 0  # 0: ORT picks the physical core count
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # a graph optimized at export for this device only needs the provider-independent passes
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if preoptimized
+                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     options.log_severity_level = 3
     return options
 
@@ -85,7 +87,8 @@ def open_session(directory: Path, manifest: Manifest, *, device: Device, threads
         raise ModelLoadError(f"{path} is missing; the model directory is incomplete, re-export it with "
                              "`fastllm export SRC OUT`")
     providers = providers_for(device)
-    options = session_options(threads)
+    optimized = manifest.graph.optimized or {}
+    options = session_options(threads, preoptimized=optimized.get("target") == device.kind)
     try:
         session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
