@@ -1,0 +1,77 @@
+"""`fastllm bench`: registered through the `fastllm.commands` entry point (the runtime never imports it)."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from bench.errors import BenchError
+
+EXAMPLE = "fastllm bench --shape smollm2-135m --shape gpt2 --prompt-lengths 32,128 --new-tokens 64 --runs 3"
+
+
+def _ints(name: str):
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise BenchError(f"{name} takes comma-separated integers, e.g. 32,128; got {text!r}") from None
+    return parse
+
+
+def register(subparsers) -> None:
+    from bench.engines import ENGINE_NAMES
+    from bench.shapes import SHAPES
+    from bench.workload import Workload
+
+    d = Workload()
+    p = subparsers.add_parser(
+        "bench", help="time fastllm against eager PyTorch (and other engines when installed)",
+        description="Time engines on models of real shapes (random weights): TTFT, TPOT, tokens/s, peak RSS, load "
+                    "time. Writes results.json, results.md and results.png to --out. Example: " + EXAMPLE)
+    p.add_argument("--shape", action="append", default=[], help=f"model shape, repeatable: {', '.join(SHAPES)}")
+    p.add_argument("--model-dir", action="append", default=[],
+                   help="also time this fastllm model directory (repeatable); it is timed with the shape it matches")
+    p.add_argument("--engines", default=",".join(ENGINE_NAMES),
+                   help=f"comma-separated, from {','.join(ENGINE_NAMES)} (default: all; peers not installed are "
+                        "skipped with a note)")
+    p.add_argument("--prompt-lengths", default=",".join(map(str, d.prompt_lengths)),
+                   help="comma-separated; lengths that do not fit the context with the new tokens are left out")
+    p.add_argument("--new-tokens", type=int, default=d.new_tokens)
+    p.add_argument("--batch-sizes", default=",".join(map(str, d.batch_sizes)))
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--runs", type=int, default=d.runs, help="timed runs per case (medians and min/max reported)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed runs before them")
+    p.add_argument("--seed", type=int, default=d.seed, help="of the random prompt ids")
+    p.add_argument("--work-dir", default="runs/bench", help="where built models are cached (under models/<shape>)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/bench/<timestamp>)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds allowed per engine x case process")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        from bench import plot, report, runner
+        from bench.workload import Workload
+    except ImportError as e:
+        raise BenchError(f"`fastllm bench` needs the export and bench extras ({e.name} is missing): "
+                         "pip install torch==2.13.0 'fastllm[export,bench]'") from None
+    workload = Workload(prompt_lengths=_ints("--prompt-lengths")(args.prompt_lengths), new_tokens=args.new_tokens,
+                        batch_sizes=_ints("--batch-sizes")(args.batch_sizes), threads=args.threads, runs=args.runs,
+                        warmup=args.warmup, seed=args.seed)
+    options = runner.BenchOptions(
+        shapes=tuple(args.shape), workload=workload, engines=tuple(e.strip() for e in args.engines.split(",") if e),
+        model_dirs=tuple(args.model_dir), work_dir=args.work_dir, timeout_s=args.timeout)
+    out = Path(args.out or Path(args.work_dir) / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    results = runner.run(options)
+    if plot.write_plot(results, out / "results.png") is None:
+        results["notes"].append("results.png not written: matplotlib is not installed (pip install 'fastllm[bench]')")
+    report.write_json(results, out / "results.json")
+    report.write_markdown(results, out / "results.md")
+    print(report.markdown(results))
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}" +
+          (f", {out / 'results.png'}" if (out / "results.png").is_file() else ""), file=sys.stderr)
+    return 0

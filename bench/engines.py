@@ -1,0 +1,254 @@
+"""The engines compared, one adapter each: load a model, then generate exactly N tokens per row, greedy, with a
+timestamp after every step.
+
+    torch-fp32, torch-bf16   transformers `generate` (eager PyTorch, its KV cache), on the shape's HF directory
+    fastllm                  fastllm.load + Engine.tokens, on each fastllm model directory (label from its manifest)
+    optimum, genai           optional peers, run only when installed: Optimum ORTModelForCausalLM, onnxruntime-genai
+
+Adapters import their libraries inside, so a worker loads nothing but what its engine needs (no torch in a fastllm
+worker, which would inflate its memory figure).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.errors import BenchError
+
+ENGINE_NAMES = ("torch-fp32", "torch-bf16", "fastllm", "optimum", "genai")
+REFERENCE = "torch-fp32"  # ratios in the report are against this engine
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str  # as given to --engines
+    kind: str  # adapter: "torch" | "fastllm" | "optimum" | "genai"
+    label: str  # shown in the report, e.g. "torch eager bf16", "fastllm portable fp32"
+    precision: str
+    model_path: str  # what the worker loads
+    skipped: str | None = None  # why this engine does not run here
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One generate call: perf_counter before the prompt goes in, after each step, and row 0's new ids."""
+
+    start: float
+    stamps: list[float]
+    first_row: list[int]
+
+
+def size_on_disk(path: str | Path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# -- choosing the engines for one shape -------------------------------------------------------------------------
+def fastllm_spec(model_dir: str | Path) -> EngineSpec:
+    """The label comes from the manifest (graph kind and precision), so new graph kinds need no change here."""
+    from fastllm.manifest import Manifest
+
+    m = Manifest.read(model_dir)
+    return EngineSpec("fastllm", "fastllm", f"fastllm {m.graph.kind} {m.precision}", m.precision, str(model_dir))
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # the parent package is missing
+        return False
+
+
+def resolve(names: tuple[str, ...], *, hf_dir: Path, fastllm_dirs: list[Path], peer_root: Path) -> list[EngineSpec]:
+    """EngineSpecs for the engine names, in order; fastllm gives one per model directory."""
+    specs: list[EngineSpec] = []
+    for name in names:
+        if name in ("torch-fp32", "torch-bf16"):
+            precision = name.split("-")[1]
+            specs.append(EngineSpec(name, "torch", f"torch eager {precision}", precision, str(hf_dir)))
+        elif name == "fastllm":
+            specs += [fastllm_spec(d) for d in fastllm_dirs]
+        elif name == "optimum":
+            missing = None if _installed("optimum.onnxruntime") else \
+                "optimum[onnxruntime] is not installed (pip install 'optimum[onnxruntime]')"
+            specs.append(EngineSpec(name, "optimum", "optimum ORTModelForCausalLM fp32", "fp32",
+                                    str(peer_root / "optimum"), skipped=missing))
+        elif name == "genai":
+            missing = None if _installed("onnxruntime_genai") else \
+                "onnxruntime-genai is not installed (pip install onnxruntime-genai)"
+            specs.append(EngineSpec(name, "genai", "onnxruntime-genai fp32", "fp32", str(peer_root / "genai"),
+                                    skipped=missing))
+        else:
+            raise BenchError(f"unknown engine {name!r}; --engines takes a comma-separated list of {ENGINE_NAMES}")
+    return _unique_labels(specs)
+
+
+def _unique_labels(specs: list[EngineSpec]) -> list[EngineSpec]:
+    """Two fastllm directories of the same kind and precision get their directory name appended."""
+    out = []
+    for spec in specs:
+        same = [s for s in specs if s.label == spec.label]
+        if len(same) > 1:
+            spec = EngineSpec(**{**spec.to_dict(), "label": f"{spec.label} ({Path(spec.model_path).name})"})
+        out.append(spec)
+    return out
+
+
+# -- preparing peers' model files (in the parent, before any timing) --------------------------------------------
+def prepare(spec: EngineSpec, hf_dir: Path, progress: Callable[[str], None]) -> None:
+    out = Path(spec.model_path)
+    if spec.kind == "optimum" and not any(out.glob("*.onnx")):
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        progress(f"optimum: exporting {hf_dir} -> {out}")
+        ORTModelForCausalLM.from_pretrained(hf_dir, export=True).save_pretrained(out)
+    elif spec.kind == "genai" and not (out / "genai_config.json").is_file():
+        progress(f"onnxruntime-genai: building {hf_dir} -> {out}")
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+                   "-p", "fp32", "-e", "cpu", "-c", str(out.parent / "genai-cache")]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise BenchError(f"the onnxruntime-genai builder failed on {hf_dir}: {tail[0]}")
+
+
+# -- adapters (run inside the worker process) -------------------------------------------------------------------
+class _Stamps:
+    """A transformers streamer: generate() calls put() with the prompt first, then with each step's new tokens."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+class TorchRunner:
+    """transformers `generate`: greedy, KV cache, min_new_tokens = max_new_tokens so EOS cannot end it early."""
+
+    def __init__(self, spec: EngineSpec, threads: int):
+        import torch
+        import transformers
+
+        torch.set_num_threads(threads)
+        torch.set_num_interop_threads(1)
+        transformers.logging.set_verbosity_error()
+        self.torch = torch
+        self.model = self._load(spec, threads)
+        config = self.model.config
+        eos = getattr(config, "eos_token_id", None)
+        self.pad_id = config.pad_token_id if config.pad_token_id is not None else \
+            (eos[0] if isinstance(eos, list) else eos if eos is not None else 0)
+
+    def details(self) -> dict:
+        return {"attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+                "torch_threads": self.torch.get_num_threads()}
+
+    def _load(self, spec: EngineSpec, threads: int):
+        from transformers import AutoModelForCausalLM
+
+        dtype = {"fp32": self.torch.float32, "bf16": self.torch.bfloat16}[spec.precision]
+        return AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype).eval()
+
+    def generate(self, ids: np.ndarray, new_tokens: int) -> Timing:
+        torch = self.torch
+        input_ids = torch.from_numpy(ids)  # (batch, prompt_length) int64
+        mask = torch.ones_like(input_ids)
+        stamps = _Stamps()
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = self.model.generate(input_ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                                      streamer=stamps, pad_token_id=self.pad_id)  # (batch, prompt + new)
+        return Timing(start, stamps.times, out[0, ids.shape[1]:].tolist())
+
+
+class OptimumRunner(TorchRunner):
+    """Optimum's ORTModelForCausalLM: transformers' generate loop over an ONNX Runtime session."""
+
+    def _load(self, spec: EngineSpec, threads: int):
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        return ORTModelForCausalLM.from_pretrained(spec.model_path, session_options=options,
+                                                   provider="CPUExecutionProvider")
+
+
+class FastLLMRunner:
+    def __init__(self, spec: EngineSpec, threads: int):
+        import fastllm
+
+        self.fastllm = fastllm
+        self.engine = fastllm.load(spec.model_path, threads=threads)
+
+    def details(self) -> dict:
+        m = self.engine.manifest
+        return {"graph": m.graph.kind, "precision": m.precision, "quantization": m.quantization}
+
+    def generate(self, ids: np.ndarray, new_tokens: int) -> Timing:
+        prompts = ids.tolist()  # batch of id lists
+        params = self.fastllm.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        stamps, first_row = [], []
+        start = time.perf_counter()
+        for step in self.engine.tokens(prompts, params):  # a tuple with each row's new id
+            stamps.append(time.perf_counter())
+            first_row.append(step[0])
+        return Timing(start, stamps, first_row)
+
+
+class GenaiRunner:
+    def __init__(self, spec: EngineSpec, threads: int):
+        import onnxruntime_genai as og
+
+        config_path = Path(spec.model_path) / "genai_config.json"
+        config = json.loads(config_path.read_text())
+        options = config["model"]["decoder"].setdefault("session_options", {})
+        options.update(intra_op_num_threads=threads, inter_op_num_threads=1)
+        config_path.write_text(json.dumps(config, indent=2))
+        self.og = og
+        self.model = og.Model(spec.model_path)
+
+    def generate(self, ids: np.ndarray, new_tokens: int) -> Timing:
+        og = self.og
+        batch, length = ids.shape
+        params = og.GeneratorParams(self.model)
+        search = dict(max_length=length + new_tokens, min_length=length + new_tokens, do_sample=False)
+        try:
+            params.set_search_options(batch_size=batch, **search)
+        except Exception:  # noqa: BLE001 -- newer releases take the batch size from append_tokens
+            params.set_search_options(**search)
+        stamps, first_row = [], []
+        start = time.perf_counter()
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+            stamps.append(time.perf_counter())
+            first_row.append(int(generator.get_next_tokens()[0]))
+        return Timing(start, stamps, first_row)
+
+
+RUNNERS = {"torch": TorchRunner, "fastllm": FastLLMRunner, "optimum": OptimumRunner, "genai": GenaiRunner}

@@ -1,0 +1,135 @@
+"""Models of named real shapes with random weights, for timing: with EOS ignored, latency does not depend on the
+weight values, only on the shape. Each is written once as a Hugging Face directory (what eager PyTorch loads) and
+exported from that directory to a fastllm model directory, both cached under the work directory:
+
+    <work>/models/<shape>/hf/         config.json, model.safetensors   (fp32)
+    <work>/models/<shape>/fastllm/    model.onnx, model.onnx.data, fastllm.json
+    <work>/models/<shape>/shape.json  what was built (re-used only while it matches the registry below)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench.errors import BenchError
+
+Progress = Callable[[str], None]
+SEED = 0  # weights are random but the same on every run
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    architecture: str  # transformers class, e.g. "LlamaForCausalLM"
+    config: dict = field(hash=False)  # keyword arguments of the architecture's config class
+    max_context: int = 2048  # cap for the fastllm export (prompt + new tokens must fit)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config["vocab_size"]
+
+    def hf_config(self):
+        import transformers as tf
+
+        config_class = {"LlamaForCausalLM": tf.LlamaConfig, "GPT2LMHeadModel": tf.GPT2Config}[self.architecture]
+        config = config_class(**self.config)
+        config.architectures = [self.architecture]
+        return config
+
+
+SHAPES: dict[str, Shape] = {}
+
+
+def register(shape: Shape) -> Shape:
+    SHAPES[shape.name] = shape
+    return shape
+
+
+register(Shape("smollm2-135m", "LlamaForCausalLM", max_context=2304, config=dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, head_dim=64, hidden_act="silu", max_position_embeddings=8192, rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True,
+    initializer_range=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=None)))
+
+register(Shape("gpt2", "GPT2LMHeadModel", max_context=1024, config=dict(
+    vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024, initializer_range=0.02,
+    bos_token_id=50256, eos_token_id=50256)))
+
+register(Shape("tiny", "LlamaForCausalLM", max_context=256, config=dict(  # for the harness's own tests
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.2,
+    bos_token_id=0, eos_token_id=0, pad_token_id=1)))
+
+
+def get(name: str) -> Shape:
+    if name not in SHAPES:
+        raise BenchError(f"unknown shape {name!r}; pass --shape with one of {sorted(SHAPES)}")
+    return SHAPES[name]
+
+
+@dataclass(frozen=True)
+class BuiltShape:
+    shape: Shape
+    hf_dir: Path  # Hugging Face directory, fp32 safetensors
+    fastllm_dir: Path  # fastllm model directory exported from hf_dir
+    parameters: int
+
+
+def _record(shape: Shape) -> dict:
+    return {"shape": asdict(shape), "seed": SEED}
+
+
+def build(shape: Shape, work_dir: str | Path, *, threads: int | None = None, progress: Progress = print) -> BuiltShape:
+    """Build (or re-use) the Hugging Face directory and its fastllm export for `shape`."""
+    root = Path(work_dir) / "models" / shape.name
+    hf_dir, fastllm_dir, record_path = root / "hf", root / "fastllm", root / "shape.json"
+    record = _record(shape)
+    cached = json.loads(record_path.read_text()) if record_path.is_file() else None
+    if cached is None or cached.get("built") != record or not (hf_dir / "config.json").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        progress(f"{shape.name}: building random {shape.architecture} weights -> {hf_dir}")
+        parameters = _write_hf(shape, hf_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps({"built": record, "parameters": parameters}, indent=2) + "\n")
+        cached = json.loads(record_path.read_text())
+    if not _usable_export(fastllm_dir):
+        from transformers.utils import logging as hf_logging
+
+        from export import export_model
+
+        hf_logging.disable_progress_bar()
+
+        progress(f"{shape.name}: exporting to {fastllm_dir} (max context {shape.max_context}, verified against "
+                 "PyTorch)")
+        export_model(hf_dir, fastllm_dir, max_context=shape.max_context, overwrite=True, threads=threads,
+                     progress=lambda line: progress(f"{shape.name}: export: {line}"))
+    return BuiltShape(shape, hf_dir, fastllm_dir, int(cached["parameters"]))
+
+
+def _write_hf(shape: Shape, hf_dir: Path) -> int:
+    import torch
+    import transformers as tf
+
+    tf.utils.logging.disable_progress_bar()
+    torch.manual_seed(SEED)
+    model = getattr(tf, shape.architecture)(shape.hf_config()).eval()
+    model.save_pretrained(hf_dir)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _usable_export(directory: Path) -> bool:
+    """A cached export is re-used only if this fastllm can read its manifest (a format change means re-export)."""
+    from fastllm.errors import FastLLMError
+    from fastllm.manifest import Manifest
+
+    if not (directory / "fastllm.json").is_file():
+        return False
+    try:
+        Manifest.read(directory)
+    except FastLLMError:
+        return False
+    return True

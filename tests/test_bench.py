@@ -1,0 +1,124 @@
+"""The benchmark harness itself, end to end on the tiny shape: real worker processes, eager PyTorch and fastllm,
+one run of a few tokens, then the JSON, markdown and plot it writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import shapes
+from bench.runner import BenchOptions
+from bench.workload import Case, Workload
+from fastllm.cli import main
+from fastllm.errors import FastLLMError, InvalidParameterError
+
+NEW_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One `fastllm bench` run through the CLI: tiny shape, prompt lengths 8 and 300 (300 does not fit), batch 2."""
+    root = tmp_path_factory.mktemp("bench")
+    out = root / "out"
+    code = main(["bench", "--shape", "tiny", "--engines", "torch-fp32,fastllm,genai", "--prompt-lengths", "8,300",
+                 "--new-tokens", str(NEW_TOKENS), "--batch-sizes", "2", "--threads", "1", "--runs", "1",
+                 "--work-dir", str(root / "work"), "--out", str(out)])
+    assert code == 0
+    return root, out, json.loads((out / "results.json").read_text())
+
+
+def test_results_json_structure(bench_run):
+    _, _, results = bench_run
+    assert results["format"] == "fastllm-bench/1"
+    assert results["machine"]["cpu"] and results["machine"]["logical_cores"] >= 1
+    assert results["machine"]["memory_bytes"] > 0
+    assert {"fastllm", "torch", "onnxruntime", "transformers"} <= set(results["versions"])
+    assert results["workload"]["new_tokens"] == NEW_TOKENS and results["workload"]["runs"] == 1
+    (shape,) = results["shapes"]
+    assert shape["name"] == "tiny" and shape["parameters"] > 0
+    assert shape["prompt_lengths_dropped"] == [300]
+    assert any("300" in note for note in results["notes"])
+    labels = [e["label"] for e in shape["engines"]]
+    assert labels[0] == "torch eager fp32" and labels[1].startswith("fastllm ") and labels[1].endswith(" fp32")
+    assert [r["engine"] for r in shape["results"]] == ["torch-fp32", "fastllm"]
+
+
+def test_numbers_are_positive_and_raw_runs_kept(bench_run):
+    _, _, results = bench_run
+    for row in results["shapes"][0]["results"]:
+        assert "error" not in row, row.get("error")
+        assert row["prompt_length"] == 8 and row["batch"] == 2
+        for key in ("load_s", "cold_start_s", "peak_rss_bytes", "rss_after_load_bytes"):
+            assert row[key] > 0, key
+        assert row["cold_start_s"] > row["load_s"]
+        assert len(row["runs"]) == 1 and len(row["warmup_runs"]) == 1
+        (run,) = row["runs"]
+        assert len(run["steps_s"]) == NEW_TOKENS - 1 and all(s > 0 for s in run["steps_s"])
+        for metric in ("ttft_s", "tpot_p50_s", "tpot_p90_s", "decode_tok_s", "total_s"):
+            stat = row["summary"][metric]
+            assert 0 < stat["min"] <= stat["median"] <= stat["max"], metric
+        assert run["tpot_p50_s"] <= run["tpot_p90_s"]
+        assert len(row["tokens"]) == NEW_TOKENS
+    for engine in results["shapes"][0]["engines"][:2]:
+        assert engine["model_size_bytes"] > 0
+
+
+def test_each_engine_ran_in_its_own_process_with_the_same_weights(bench_run):
+    _, _, results = bench_run
+    torch_row, fastllm_row = results["shapes"][0]["results"]
+    assert torch_row["torch_imported"] and not fastllm_row["torch_imported"]
+    assert fastllm_row["peak_rss_bytes"] < torch_row["peak_rss_bytes"]  # no memory inherited from the parent
+    assert fastllm_row["tokens"] == torch_row["tokens"]  # same weights, same prompt ids, greedy fp32
+    assert torch_row["details"]["torch_threads"] == 1 and torch_row["details"]["attn_implementation"]
+    assert fastllm_row["label"] == f"fastllm {fastllm_row['details']['graph']} {fastllm_row['details']['precision']}"
+
+
+def test_markdown_has_ratios_against_eager_fp32(bench_run):
+    _, out, _ = bench_run
+    md = (out / "results.md").read_text()
+    assert "| TTFT ratio |" in md and "| TPOT ratio |" in md
+    assert "threads" in md and "fp32" in md and "## tiny" in md
+    rows = [line for line in md.splitlines() if line.startswith("| torch eager fp32 |")]
+    assert len(rows) == 1 and "| 1.00 |" in rows[0]
+    assert "onnxruntime-genai fp32" in md  # a row when installed, else a note saying it was skipped
+
+
+def test_plot_is_written_when_matplotlib_is_installed(bench_run):
+    pytest.importorskip("matplotlib")
+    _, out, _ = bench_run
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_built_models_are_reused(bench_run):
+    root, _, _ = bench_run
+    lines: list[str] = []
+    built = shapes.build(shapes.get("tiny"), root / "work", progress=lines.append)
+    assert lines == [] and (built.fastllm_dir / "fastllm.json").is_file()
+
+
+def test_prompt_ids_are_seeded_and_in_vocabulary():
+    w = Workload(prompt_lengths=(16,), batch_sizes=(3,), seed=7)
+    a, b = w.prompt_ids(Case(16, 3), 512), w.prompt_ids(Case(16, 3), 512)
+    assert a.shape == (3, 16) and (a == b).all() and a.min() >= 0 and a.max() < 512
+    assert not (a == Workload(seed=8).prompt_ids(Case(16, 3), 512)).all()
+
+
+@pytest.mark.parametrize("field, value", [("new_tokens", 1), ("runs", 0), ("threads", 0), ("prompt_lengths", ()),
+                                          ("batch_sizes", (0,))])
+def test_workload_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(InvalidParameterError, match=field):
+        Workload(**{field: value})
+
+
+def test_options_reject_unknown_shape_and_engine():
+    with pytest.raises(FastLLMError, match="known|one of"):
+        BenchOptions(shapes=("gpt5",))
+    with pytest.raises(FastLLMError, match="engines"):
+        BenchOptions(shapes=("tiny",), engines=("tensorrt",))
+
+
+def test_cli_error_is_one_line(capsys):
+    assert main(["bench", "--shape", "nope"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastllm: error: unknown shape 'nope'") and "\n" not in err
