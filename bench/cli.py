@@ -36,6 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--engines", default=",".join(ENGINE_NAMES),
                    help=f"comma-separated, from {','.join(ENGINE_NAMES)} (default: all; peers not installed are "
                         "skipped with a note)")
+    p.add_argument("--graphs", default="fused,portable",
+                   help="fastllm graph kinds to export and time for each shape (comma-separated)")
     p.add_argument("--prompt-lengths", default=",".join(map(str, d.prompt_lengths)),
                    help="comma-separated; lengths that do not fit the context with the new tokens are left out")
     p.add_argument("--new-tokens", type=int, default=d.new_tokens)
@@ -62,7 +64,8 @@ def run(args) -> int:
                         warmup=args.warmup, seed=args.seed)
     options = runner.BenchOptions(
         shapes=tuple(args.shape), workload=workload, engines=tuple(e.strip() for e in args.engines.split(",") if e),
-        model_dirs=tuple(args.model_dir), work_dir=args.work_dir, timeout_s=args.timeout)
+        model_dirs=tuple(args.model_dir), graphs=tuple(g.strip() for g in args.graphs.split(",") if g.strip()),
+        work_dir=args.work_dir, timeout_s=args.timeout)
     out = Path(args.out or Path(args.work_dir) / datetime.now().strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
 

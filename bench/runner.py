@@ -31,6 +31,7 @@ class BenchOptions:
     workload: Workload = field(default_factory=Workload)
     engines: tuple[str, ...] = ENGINE_NAMES
     model_dirs: tuple[str, ...] = ()  # extra fastllm model directories, each timed with the shape it matches
+    graphs: tuple[str, ...] = ("fused", "portable")  # graph kinds exported and timed for each shape
     work_dir: str = "runs/bench"  # models are cached under <work_dir>/models/<shape>
     timeout_s: float | None = None  # per worker process
 
@@ -93,8 +94,9 @@ def _run_shape(name: str, extra_dirs: list[Path], options: BenchOptions, notes: 
 
     workload = options.workload
     shape = shape_registry.get(name)
-    built = shape_registry.build(shape, options.work_dir, threads=workload.threads, progress=progress)
-    fastllm_dirs = [built.fastllm_dir, *extra_dirs]
+    built = shape_registry.build(shape, options.work_dir, graphs=options.graphs, threads=workload.threads,
+                                 progress=progress)
+    fastllm_dirs = [*built.fastllm_dirs, *extra_dirs]
     context = min([shape.max_context] + [Manifest.read(d).max_context for d in fastllm_dirs])
     cases, dropped = workload.cases(context)
     if dropped:

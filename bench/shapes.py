@@ -75,7 +75,7 @@ def get(name: str) -> Shape:
 class BuiltShape:
     shape: Shape
     hf_dir: Path  # Hugging Face directory, fp32 safetensors
-    fastllm_dir: Path  # fastllm model directory exported from hf_dir
+    fastllm_dirs: tuple[Path, ...]  # fastllm model directories exported from hf_dir, one per graph kind
     parameters: int
 
 
@@ -83,10 +83,11 @@ def _record(shape: Shape) -> dict:
     return {"shape": asdict(shape), "seed": SEED}
 
 
-def build(shape: Shape, work_dir: str | Path, *, threads: int | None = None, progress: Progress = print) -> BuiltShape:
-    """Build (or re-use) the Hugging Face directory and its fastllm export for `shape`."""
+def build(shape: Shape, work_dir: str | Path, *, graphs: tuple[str, ...] = ("fused",), threads: int | None = None,
+          progress: Progress = print) -> BuiltShape:
+    """Build (or re-use) the Hugging Face directory and its fastllm export, one per graph kind, for `shape`."""
     root = Path(work_dir) / "models" / shape.name
-    hf_dir, fastllm_dir, record_path = root / "hf", root / "fastllm", root / "shape.json"
+    hf_dir, record_path = root / "hf", root / "shape.json"
     record = _record(shape)
     cached = json.loads(record_path.read_text()) if record_path.is_file() else None
     if cached is None or cached.get("built") != record or not (hf_dir / "config.json").is_file():
@@ -96,18 +97,22 @@ def build(shape: Shape, work_dir: str | Path, *, threads: int | None = None, pro
         root.mkdir(parents=True, exist_ok=True)
         record_path.write_text(json.dumps({"built": record, "parameters": parameters}, indent=2) + "\n")
         cached = json.loads(record_path.read_text())
-    if not _usable_export(fastllm_dir):
+    dirs = []
+    for graph in graphs:
+        fastllm_dir = root / f"fastllm-{graph}"
+        dirs.append(fastllm_dir)
+        if _usable_export(fastllm_dir):
+            continue
         from transformers.utils import logging as hf_logging
 
         from export import export_model
 
         hf_logging.disable_progress_bar()
-
-        progress(f"{shape.name}: exporting to {fastllm_dir} (max context {shape.max_context}, verified against "
-                 "PyTorch)")
-        export_model(hf_dir, fastllm_dir, max_context=shape.max_context, overwrite=True, threads=threads,
-                     progress=lambda line: progress(f"{shape.name}: export: {line}"))
-    return BuiltShape(shape, hf_dir, fastllm_dir, int(cached["parameters"]))
+        progress(f"{shape.name}: exporting the {graph} graph to {fastllm_dir} (max context {shape.max_context}, "
+                 "verified against PyTorch)")
+        export_model(hf_dir, fastllm_dir, graph=graph, max_context=shape.max_context, overwrite=True,
+                     threads=threads, progress=lambda line: progress(f"{shape.name}: export: {line}"))
+    return BuiltShape(shape, hf_dir, tuple(dirs), int(cached["parameters"]))
 
 
 def _write_hf(shape: Shape, hf_dir: Path) -> int:

@@ -24,7 +24,7 @@ VOCAB = 50_257  # GPT-2's vocabulary
 def tiny_engine(tmp_path_factory):
     built = shapes.build(shapes.get("tiny"), tmp_path_factory.mktemp("bench-micro"), threads=1,
                          progress=lambda _line: None)
-    return fastllm.load(built.fastllm_dir, threads=1)
+    return fastllm.load(built.fastllm_dirs[0], threads=1)
 
 
 @pytest.mark.parametrize("batch", [1, 4])

@@ -94,7 +94,7 @@ def test_built_models_are_reused(bench_run):
     root, _, _ = bench_run
     lines: list[str] = []
     built = shapes.build(shapes.get("tiny"), root / "work", progress=lines.append)
-    assert lines == [] and (built.fastllm_dir / "fastllm.json").is_file()
+    assert lines == [] and (built.fastllm_dirs[0] / "fastllm.json").is_file()
 
 
 def test_prompt_ids_are_seeded_and_in_vocabulary():
