@@ -40,8 +40,8 @@ def test_results_json_structure(bench_run):
     assert shape["prompt_lengths_dropped"] == [300]
     assert any("300" in note for note in results["notes"])
     labels = [e["label"] for e in shape["engines"]]
-    assert labels[0] == "torch eager fp32" and labels[1].startswith("fastllm ") and labels[1].endswith(" fp32")
-    assert [r["engine"] for r in shape["results"]] == ["torch-fp32", "fastllm"]
+    assert labels[:3] == ["torch eager fp32", "fastllm fused fp32", "fastllm portable fp32"]
+    assert [r["label"] for r in shape["results"]] == labels[:3]
 
 
 def test_numbers_are_positive_and_raw_runs_kept(bench_run):
@@ -60,18 +60,21 @@ def test_numbers_are_positive_and_raw_runs_kept(bench_run):
             assert 0 < stat["min"] <= stat["median"] <= stat["max"], metric
         assert run["tpot_p50_s"] <= run["tpot_p90_s"]
         assert len(row["tokens"]) == NEW_TOKENS
-    for engine in results["shapes"][0]["engines"][:2]:
+    for engine in results["shapes"][0]["engines"][:3]:
         assert engine["model_size_bytes"] > 0
 
 
 def test_each_engine_ran_in_its_own_process_with_the_same_weights(bench_run):
     _, _, results = bench_run
-    torch_row, fastllm_row = results["shapes"][0]["results"]
-    assert torch_row["torch_imported"] and not fastllm_row["torch_imported"]
-    assert fastllm_row["peak_rss_bytes"] < torch_row["peak_rss_bytes"]  # no memory inherited from the parent
-    assert fastllm_row["tokens"] == torch_row["tokens"]  # same weights, same prompt ids, greedy fp32
+    torch_row, *fastllm_rows = results["shapes"][0]["results"]
     assert torch_row["details"]["torch_threads"] == 1 and torch_row["details"]["attn_implementation"]
-    assert fastllm_row["label"] == f"fastllm {fastllm_row['details']['graph']} {fastllm_row['details']['precision']}"
+    assert torch_row["torch_imported"] and len(fastllm_rows) == 2
+    for fastllm_row in fastllm_rows:
+        assert not fastllm_row["torch_imported"]
+        assert fastllm_row["peak_rss_bytes"] < torch_row["peak_rss_bytes"]  # no memory inherited from the parent
+        assert fastllm_row["tokens"] == torch_row["tokens"]  # same weights, same prompt ids, greedy fp32
+        details = fastllm_row["details"]
+        assert fastllm_row["label"] == f"fastllm {details['graph']} {details['precision']}"
 
 
 def test_markdown_has_ratios_against_eager_fp32(bench_run):
