@@ -16,6 +16,8 @@ def register(subparsers) -> None:
     p.add_argument("--graph", choices=("fused", "portable"), default=None,
                    help="fused: ONNX Runtime contrib ops, KV cache written in place (default where it applies); "
                         "portable: plain ONNX ops")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="fp32 (default; CPU) or fp16 (for CUDA: weights, activations and KV cache in float16)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--threads", type=int, default=None, help="threads for verification (default: all cores)")
     p.set_defaults(func=run)
@@ -29,9 +31,9 @@ def run(args) -> int:
 
         raise FastLLMError(f"`fastllm export` needs the export extra ({e.name} is missing): "
                            "pip install torch==2.13.0 'fastllm[export]'") from None
-    manifest = export_model(args.src, args.out, graph=args.graph, max_context=args.max_context, overwrite=args.overwrite,
+    manifest = export_model(args.src, args.out, graph=args.graph, precision=args.precision, max_context=args.max_context, overwrite=args.overwrite,
                             threads=args.threads, progress=lambda line: print(f"[export] {line}", file=sys.stderr))
     v = manifest.verification
-    print(f"{args.out}: {manifest.architecture}, {manifest.num_layers} layers, {manifest.graph.kind} graph, fp32; verified: max |Δlogits| "
+    print(f"{args.out}: {manifest.architecture}, {manifest.num_layers} layers, {manifest.graph.kind} graph, {manifest.precision}; verified: max |Δlogits| "
           f"{v['max_abs_diff']:.2e} <= {v['tolerance']:.2e}, greedy {v['new_tokens']} tokens identical")
     return 0

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+import onnx
 import torch
 
 import fastllm
@@ -22,6 +23,7 @@ from export import trace as trace_stage
 from export.decoder import DecoderLM
 from export.fused import fused_supported
 from export.optimize import optimize
+from export.precision import PRECISIONS, TOLERANCE, to_fp16
 from export.registry import Adapted, adapter_for
 from export.verify import VerifyReport, verify
 from fastllm.errors import ExportError, FastLLMError, ModelLoadError
@@ -148,8 +150,8 @@ def choose_graph(spec, graph: str | None) -> str:
     return graph
 
 
-def describe(hf_model, adapted: Adapted, graph, kind: str, optimized: dict | None, tokenizer_file: str | None,
-             source: str) -> Manifest:
+def describe(hf_model, adapted: Adapted, graph, kind: str, precision: str, optimized: dict | None,
+             tokenizer_file: str | None, source: str) -> Manifest:
     spec = adapted.spec
     eos, bos, pad = token_ids(hf_model)
     gen = getattr(hf_model, "generation_config", None)
@@ -163,7 +165,7 @@ def describe(hf_model, adapted: Adapted, graph, kind: str, optimized: dict | Non
     return Manifest(
         architecture=spec.architecture, num_layers=spec.num_layers, num_heads=spec.num_heads,
         num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, hidden_size=spec.hidden_size,
-        vocab_size=spec.vocab_size, max_context=spec.max_context, precision="fp32",
+        vocab_size=spec.vocab_size, max_context=spec.max_context, precision=precision,
         graph=GraphInfo(kind=kind, file=trace_stage.GRAPH_FILE,
                         inputs=trace_stage.tensor_infos(graph.graph.input),
                         outputs=trace_stage.tensor_infos(graph.graph.output), optimized=optimized),
@@ -192,12 +194,14 @@ def commit(tmp: Path, out: Path) -> None:
 
 
 # -- the pipeline -------------------------------------------------------------------------------------------------
-def export_pretrained(model, out, *, tokenizer=None, graph: str | None = None, max_context: int | None = None,
-                      overwrite: bool = False, threads: int | None = None, progress: Progress = _quiet,
-                      source: str = "in-memory") -> Manifest:
+def export_pretrained(model, out, *, tokenizer=None, graph: str | None = None, precision: str = "fp32",
+                      max_context: int | None = None, overwrite: bool = False, threads: int | None = None,
+                      progress: Progress = _quiet, source: str = "in-memory") -> Manifest:
     """Export an in-memory transformers causal LM to the model directory OUT, verified against the model itself."""
     out = Path(out)
     check_destination(out, overwrite)
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -211,14 +215,18 @@ def export_pretrained(model, out, *, tokenizer=None, graph: str | None = None, m
         onnx_graph = trace_stage.trace(module, tmp, kind)
         del module
         optimized = None
-        if kind == "fused":  # the portable graph stays plain ONNX: ORT's fusions would add contrib ops
+        if precision == "fp16":  # for CUDA; its graph passes run at load on the GPU
+            progress("precision: float16 weights, activations and KV cache (logits stay float32)")
+            to_fp16(tmp)
+        elif kind == "fused":  # the portable graph stays plain ONNX: ORT's fusions would add contrib ops
             progress("optimize: onnxruntime graph passes for cpu, saved with the model")
             optimized = optimize(tmp, target="cpu")
         progress("describe: manifest and tokenizer")
-        manifest = describe(model, adapted, onnx_graph, kind, optimized, write_tokenizer(tokenizer, tmp), source)
+        manifest = describe(model, adapted, onnx.load(str(tmp / trace_stage.GRAPH_FILE), load_external_data=False),
+                            kind, precision, optimized, write_tokenizer(tokenizer, tmp), source)
         manifest.write(tmp)
         progress("verify: logits and greedy tokens against PyTorch")
-        report: VerifyReport = verify(model, tmp, threads=threads)
+        report: VerifyReport = verify(model, tmp, threads=threads, rtol=TOLERANCE[precision])
         progress(f"verify: max |Δlogits| {report.max_abs_diff:.2e} (tolerance {report.tolerance:.2e}), "
                  f"greedy {report.new_tokens} tokens identical")
         manifest = Manifest.from_dict({**manifest.to_dict(), "verification": report.to_dict()})
@@ -235,12 +243,13 @@ def export_pretrained(model, out, *, tokenizer=None, graph: str | None = None, m
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_model(src, out, *, graph: str | None = None, max_context: int | None = None, overwrite: bool = False,
-                 threads: int | None = None, progress: Progress = _quiet) -> Manifest:
+def export_model(src, out, *, graph: str | None = None, precision: str = "fp32", max_context: int | None = None,
+                 overwrite: bool = False, threads: int | None = None, progress: Progress = _quiet) -> Manifest:
     """Export the Hugging Face model directory SRC to the fastllm model directory OUT."""
     src, out = Path(src), Path(out)
     check_destination(out, overwrite)
     progress(f"load: {src}")
     model = load_source(src)
-    return export_pretrained(model, out, tokenizer=src, graph=graph, max_context=max_context, overwrite=overwrite,
+    return export_pretrained(model, out, tokenizer=src, graph=graph, precision=precision, max_context=max_context,
+                             overwrite=overwrite,
                              threads=threads, progress=progress, source=str(src.resolve()))

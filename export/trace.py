@@ -11,6 +11,7 @@ import torch
 
 from export.decoder import DecoderLM, DecoderSpec
 from export.fused import FusedDecoderGraph
+from export.tied_embeddings import share_tied_embedding
 from fastllm.manifest import TensorInfo
 
 OPSET = 17
@@ -76,9 +77,11 @@ def trace(module: DecoderLM, directory: Path, kind: str) -> onnx.ModelProto:
         torch.onnx.export(
             graph, example_inputs(kind, spec), str(traced), dynamo=False, opset_version=OPSET,
             input_names=inputs, output_names=outputs, dynamic_axes=dynamic_axes(kind, spec.num_layers),
-            do_constant_folding=True, custom_opsets={"com.microsoft": 1},
+            do_constant_folding=True, custom_opsets={"com.microsoft": 1} if kind == "fused" else None,
         )
         model = onnx.load(str(traced), load_external_data=True)
+    if spec.tie_embeddings:
+        share_tied_embedding(model)
     onnx.save_model(model, str(directory / GRAPH_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
     return onnx.load(str(directory / GRAPH_FILE), load_external_data=False)

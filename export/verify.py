@@ -23,6 +23,7 @@ FP32_RTOL = 1e-4  # max |Δlogits| <= FP32_RTOL * max(1, max |logit|)
 class VerifyReport:
     max_abs_diff: float  # over prefill (real positions) and every decode step
     max_abs_logit: float
+    rtol: float  # the tolerance relative to max(1, max |logit|)
     tolerance: float
     worst_step: str  # "prefill" or "decode N"
     greedy_match: bool
@@ -74,7 +75,7 @@ def reference_steps(hf_model, ids: np.ndarray, mask: np.ndarray, steps: int) -> 
 
 
 def verify(hf_model, model_dir: Path, *, prompt_lengths=(5, 11), decode_steps: int = 8, new_tokens: int = 32,
-           seed: int = 0, threads: int | None = None) -> VerifyReport:
+           seed: int = 0, threads: int | None = None, rtol: float = FP32_RTOL) -> VerifyReport:
     """Compare the exported directory with `hf_model`. Raises VerificationError naming the failing step."""
     engine = fastllm.load(model_dir, threads=threads)
     manifest = engine.manifest
@@ -109,7 +110,7 @@ def verify(hf_model, model_dir: Path, *, prompt_lengths=(5, 11), decode_steps: i
     theirs = ref_tokens[:, :new_tokens]
     mismatch = np.nonzero((ours != theirs).any(axis=0))[0]
     report = VerifyReport(
-        max_abs_diff=worst, max_abs_logit=max_logit, tolerance=FP32_RTOL * max(1.0, max_logit),
+        max_abs_diff=worst, max_abs_logit=max_logit, rtol=rtol, tolerance=rtol * max(1.0, max_logit),
         worst_step=worst_step, greedy_match=mismatch.size == 0,
         first_mismatch=int(mismatch[0]) if mismatch.size else None,
         prompt_lengths=tuple(prompt_lengths), decode_steps=steps, new_tokens=new_tokens,

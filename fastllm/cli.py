@@ -11,9 +11,10 @@ from fastllm.errors import FastLLMError
 
 
 def add_generate(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate text from a prompt (streams by default)")
-    p.add_argument("model", help="model directory written by `fastllm export`")
-    p.add_argument("prompt")
+    p = subparsers.add_parser("generate", help="generate text from a prompt (streams by default)",
+                              usage="fastllm generate [MODEL_DIR] PROMPT [options]")
+    p.add_argument("model_and_prompt", nargs="+", metavar="[MODEL_DIR] PROMPT",
+                   help="model directory written by `fastllm export` (default: the bundled model), then the prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -28,12 +29,30 @@ def add_generate(subparsers) -> None:
     p.set_defaults(func=run_generate)
 
 
+def default_model() -> str:
+    """The model the `fastllm.models` entry point group names as default (the project's bundled model)."""
+    for ep in entry_points(group="fastllm.models"):
+        if ep.name == "default":
+            try:
+                return str(ep.load()())
+            except ImportError as e:
+                raise FastLLMError(f"the bundled model needs the export extra to be exported on first use "
+                                   f"({e.name} is missing): pip install torch==2.13.0 'fastllm[export]', or pass "
+                                   "a model directory") from None
+    raise FastLLMError("no model directory given and no bundled model is installed; pass MODEL_DIR")
+
+
 def run_generate(args) -> int:
     import fastllm
 
+    if len(args.model_and_prompt) > 2:
+        raise FastLLMError(f"generate takes [MODEL_DIR] PROMPT, got {len(args.model_and_prompt)} arguments; quote "
+                           "the prompt")
+    *model, prompt = args.model_and_prompt
     params = fastllm.SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop))
+    args.prompt, args.model = prompt, model[0] if model else default_model()
     engine = fastllm.load(args.model, device=args.device, threads=args.threads)
     if args.no_stream:
         c = engine.generate(args.prompt, params)

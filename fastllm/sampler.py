@@ -138,7 +138,9 @@ def nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
            history: TokenHistory | None = None) -> int:
     """logits: (vocab,) for one sequence. Returns the chosen token id."""
-    logits = apply_penalties(np.array(logits, dtype=np.float32), params, history)
+    if history is not None and (params.repetition_penalty != 1.0 or params.presence_penalty
+                                or params.frequency_penalty):
+        logits = apply_penalties(np.array(logits, dtype=np.float32), params, history)  # a copy: penalties write
     if params.greedy:
         return int(np.argmax(logits))
     p = probabilities(logits, params)

@@ -87,6 +87,10 @@ def open_session(directory: Path, manifest: Manifest, *, device: Device, threads
         raise ModelLoadError(f"{path} is missing; the model directory is incomplete, re-export it with "
                              "`fastllm export SRC OUT`")
     providers = providers_for(device)
+    if device.kind == "cuda" and manifest.graph.kind == "fused" and manifest.precision == "fp32":
+        raise DeviceError("this model's fused fp32 graph cannot run on CUDA: GroupQueryAttention's CUDA kernel takes "
+                          "float16 only; export it with `fastllm export SRC OUT --precision fp16` for the GPU, "
+                          "or load it with device='cpu'")
     optimized = manifest.graph.optimized or {}
     options = session_options(threads, preoptimized=optimized.get("target") == device.kind)
     try:
@@ -118,6 +122,9 @@ def check_graph(session: ort.InferenceSession, manifest: Manifest) -> None:
             )
 
 
+_KEEP_ONE = np.array(1, dtype=np.int64)
+
+
 class Session:
     """One forward pass of the decoder graph per call, through a per-request IO binding."""
 
@@ -142,7 +149,8 @@ class Session:
         for name, array in feeds.items():
             if name in self.input_names:  # graphs drop inputs they do not use (e.g. position_ids with rotary)
                 binding.bind_cpu_input(name, array)
-        binding.bind_cpu_input("logits_to_keep", np.array(logits_to_keep, dtype=np.int64))
+        binding.bind_cpu_input("logits_to_keep", _KEEP_ONE if logits_to_keep == 1 else
+                               np.array(logits_to_keep, dtype=np.int64))
         if out is not None:
             binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))  # shares out's memory
         else:

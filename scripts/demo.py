@@ -1,39 +1,74 @@
-"""The main job: build a small model locally, export it (verified against PyTorch), and stream text from it.
+"""The main job: export the project's own trained model (verified against PyTorch), stream text from it, and time
+it side by side with eager PyTorch.
 
 Run with `bash scripts/setup.sh && .venv/bin/python scripts/demo.py`.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
-from pathlib import Path
+
+import numpy as np
 
 import fastllm
-from export import export_model
-from export.tiny import build_tiny, train_tokenizer
+from bench.engines import EngineSpec, fastllm_spec, size_on_disk
+from bench.workers import run_worker
+from train.bundled import BUNDLED, default_model
 
-ROOT = Path(__file__).resolve().parents[1] / "runs" / "demo"
-PROMPTS = ["The function", "Return the value of", "A class is"]
+PROMPTS = ["The list type", "To open a file,", "A decorator is"]
+THREADS = 2
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
 
 
 def main() -> int:
-    hf_dir, model_dir = ROOT / "hf-llama", ROOT / "llama"
     t0 = time.perf_counter()
-    print(f"[1/3] building a tiny random-weight Llama in {hf_dir}", flush=True)
-    build_tiny("LlamaForCausalLM", hf_dir, tokenizer=train_tokenizer())
-    print(f"[2/3] exporting to {model_dir}", flush=True)
-    export_model(hf_dir, model_dir, overwrite=True, progress=lambda s: print(f"      {s}", flush=True))
-    engine = fastllm.load(model_dir)
-    print("[3/3] generating (random weights: the text is noise; the path is what this shows)", flush=True)
-    for prompt in PROMPTS:
-        sys.stdout.write(f"\n> {prompt}")
-        for piece in engine.stream(prompt, fastllm.SamplingParams(max_new_tokens=32, temperature=0.8, seed=0)):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    c = engine.generate(PROMPTS, fastllm.SamplingParams(max_new_tokens=32, ignore_eos=True))[0]
-    print(f"\n\nbatch of {len(PROMPTS)}: TTFT {c.ttft_s * 1e3:.1f} ms, TPOT {c.tpot_s * 1e3:.2f} ms; "
-          f"total {time.perf_counter() - t0:.1f}s")
+    record = json.loads((BUNDLED / "training.json").read_text())
+    say(f"[1/4] bundled model {BUNDLED.name}: {record['parameters'] / 1e6:.1f} M parameters, trained here in "
+        f"{record['train_seconds'] / 60:.1f} min on the Python documentation (held-out perplexity "
+        f"{record['val_ppl']:.1f})")
+    say("[2/4] exporting it (first use only; verified against PyTorch)")
+    model_dir = default_model(progress=lambda line: say(f"      {line}"))
+    engine = fastllm.load(model_dir, threads=THREADS)
+    v = engine.manifest.verification
+    say(f"      {model_dir}: {engine.manifest.graph.kind} graph, max |Δlogits| {v['max_abs_diff']:.1e}, greedy tokens "
+        f"identical to PyTorch")
+
+    say("[3/4] generating (streamed)")
+    for title, params in (("greedy", fastllm.SamplingParams(max_new_tokens=48)),
+                          ("sampled, T=0.8, top-p 0.95", fastllm.SamplingParams(
+                              max_new_tokens=48, temperature=0.8, top_p=0.95, seed=0))):
+        say(f"  -- {title}")
+        for prompt in PROMPTS:
+            sys.stdout.write(f"  > {prompt}")
+            for piece in engine.stream(prompt, params):
+                sys.stdout.write(piece.replace("\n", "\n    "))
+                sys.stdout.flush()
+            say()
+
+    say(f"[4/4] side by side, each engine in its own process: prompt 64 tokens, 64 new tokens, batch 1, "
+        f"{THREADS} threads, fp32")
+    ids = np.random.default_rng(0).integers(2, engine.manifest.vocab_size, size=(1, 64))
+    specs = [EngineSpec("torch-fp32", "torch", "eager PyTorch fp32", "fp32", str(BUNDLED)), fastllm_spec(model_dir)]
+    rows = []
+    for spec in specs:
+        result = run_worker(spec, ids, new_tokens=64, threads=THREADS, runs=3, warmup=1)
+        if "error" in result:
+            say(f"      {spec.label}: {result['error']}")
+            return 1
+        s = result["summary"]
+        rows.append((spec.label, s["ttft_s"]["median"] * 1e3, s["tpot_p50_s"]["median"] * 1e3,
+                     s["decode_tok_s"]["median"], size_on_disk(spec.model_path) / 1e6))
+    say(f"      {'engine':<24}{'TTFT ms':>9}{'TPOT ms':>9}{'tok/s':>8}{'size MB':>9}")
+    for label, ttft, tpot, tps, size in rows:
+        say(f"      {label:<24}{ttft:9.1f}{tpot:9.2f}{tps:8.0f}{size:9.1f}")
+    ref, ours = rows[0], rows[1]
+    say(f"      fastllm vs eager PyTorch: TTFT x{ours[1] / ref[1]:.2f}, TPOT x{ours[2] / ref[2]:.2f}")
+    say(f"done in {time.perf_counter() - t0:.0f}s")
     return 0
 
 

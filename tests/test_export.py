@@ -153,3 +153,14 @@ def test_portable_graph_uses_only_standard_ops(exported, arch):
     _, path = exported[arch, "portable"]
     graph = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
     assert {n.domain for n in graph.node} <= {"", "ai.onnx"}
+
+
+def test_tied_embedding_is_stored_once(exported, variant):
+    arch, _ = variant
+    manifest, path = exported[variant]
+    if arch not in ("Qwen2ForCausalLM", "GPT2LMHeadModel"):  # the tiny configs with tied embeddings
+        pytest.skip("untied embeddings")
+    graph = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+    vocab_by_hidden = [t.name for t in graph.initializer
+                       if sorted(t.dims) == sorted([manifest.vocab_size, manifest.hidden_size])]
+    assert len(vocab_by_hidden) == 1

@@ -1,0 +1,24 @@
+"""Stage: change the precision of an exported graph. fp16 is for CUDA: weights, activations and the KV cache in
+float16 (ONNX Runtime's converter, with logits kept float32 for sampling on the host)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from export.trace import DATA_FILE, GRAPH_FILE
+
+PRECISIONS = ("fp32", "fp16")
+# Verification tolerance on logits, relative to max(1, max |logit|), per precision.
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+
+
+def to_fp16(directory: Path) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(directory / GRAPH_FILE), load_external_data=True)
+    model = convert_float_to_float16(model, keep_io_types=["logits"])
+    (directory / DATA_FILE).unlink()
+    onnx.save_model(model, str(directory / GRAPH_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)

@@ -1,0 +1,1 @@
+"""Training the project's own small model (PyTorch), on text every Python install carries."""
