@@ -164,3 +164,15 @@ def test_tied_embedding_is_stored_once(exported, variant):
     vocab_by_hidden = [t.name for t in graph.initializer
                        if sorted(t.dims) == sorted([manifest.vocab_size, manifest.hidden_size])]
     assert len(vocab_by_hidden) == 1
+
+
+@pytest.mark.parametrize("arch, graph", [("LlamaForCausalLM", "fused"), ("GPT2LMHeadModel", "portable")])
+def test_fp16_export_is_verified_with_its_tolerance(hf_dirs, tmp_path, arch, graph):
+    """fp16 is for CUDA; ONNX Runtime's CPU kernels run it too, so export verifies it here."""
+    manifest = export_model(hf_dirs[arch], tmp_path / "m", graph=graph, precision="fp16")
+    v = manifest.verification
+    assert manifest.precision == "fp16" and manifest.kv_dtype == "float16" and manifest.graph.optimized is None
+    assert v["rtol"] == 1e-2 and v["max_abs_diff"] <= v["tolerance"] and v["greedy_match"]
+    assert [t.dtype for t in manifest.graph.outputs if t.name == "logits"] == ["float32"]
+    engine = fastllm.load(tmp_path / "m")
+    assert engine.generate("Return", fastllm.SamplingParams(max_new_tokens=4)).completion_tokens >= 1
