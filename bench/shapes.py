@@ -97,6 +97,8 @@ def build(shape: Shape, work_dir: str | Path, *, graphs: tuple[str, ...] = ("fus
         root.mkdir(parents=True, exist_ok=True)
         record_path.write_text(json.dumps({"built": record, "parameters": parameters}, indent=2) + "\n")
         cached = json.loads(record_path.read_text())
+    if not (hf_dir / "tokenizer.json").is_file():
+        _write_tokenizer(hf_dir)
     dirs = []
     for graph in graphs:
         fastllm_dir = root / f"fastllm-{graph}"
@@ -124,6 +126,17 @@ def _write_hf(shape: Shape, hf_dir: Path) -> int:
     model = getattr(tf, shape.architecture)(shape.hf_config()).eval()
     model.save_pretrained(hf_dir)
     return sum(p.numel() for p in model.parameters())
+
+
+def _write_tokenizer(hf_dir: Path) -> None:
+    """Prompts are token ids, so any tokenizer will do for timing; peers' converters (onnxruntime-genai's builder)
+    insist on one in the directory. A small one trained locally (export.tiny)."""
+    import transformers as tf
+
+    from export.tiny import SPECIAL, train_tokenizer
+
+    tf.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(), bos_token=SPECIAL[0], eos_token=SPECIAL[0],
+                               pad_token=SPECIAL[1], unk_token=None).save_pretrained(hf_dir)
 
 
 def _usable_export(directory: Path) -> bool:

@@ -6,6 +6,7 @@ passed verification; on any failure the temporary directory is removed and OUT i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -212,7 +213,7 @@ def export_pretrained(model, out, *, tokenizer=None, graph: str | None = None, p
         kind = choose_graph(adapted.spec, graph)
         progress(f"trace: {kind} graph, {adapted.spec.num_layers} layers, hidden {adapted.spec.hidden_size}, "
                  f"vocab {adapted.spec.vocab_size}, context {adapted.spec.max_context} -> ONNX opset {trace_stage.OPSET}")
-        onnx_graph = trace_stage.trace(module, tmp, kind)
+        trace_stage.trace(module, tmp, kind)
         del module
         optimized = None
         if precision == "fp16":  # for CUDA; its graph passes run at load on the GPU
@@ -229,7 +230,7 @@ def export_pretrained(model, out, *, tokenizer=None, graph: str | None = None, p
         report: VerifyReport = verify(model, tmp, threads=threads, rtol=TOLERANCE[precision])
         progress(f"verify: max |Δlogits| {report.max_abs_diff:.2e} (tolerance {report.tolerance:.2e}), "
                  f"greedy {report.new_tokens} tokens identical")
-        manifest = Manifest.from_dict({**manifest.to_dict(), "verification": report.to_dict()})
+        manifest = dataclasses.replace(manifest, verification=report.to_dict())
         manifest.write(tmp)
         commit(tmp, out)
         progress(f"done in {time.perf_counter() - t0:.1f}s: {out}")
@@ -251,5 +252,4 @@ def export_model(src, out, *, graph: str | None = None, precision: str = "fp32",
     progress(f"load: {src}")
     model = load_source(src)
     return export_pretrained(model, out, tokenizer=src, graph=graph, precision=precision, max_context=max_context,
-                             overwrite=overwrite,
-                             threads=threads, progress=progress, source=str(src.resolve()))
+                             overwrite=overwrite, threads=threads, progress=progress, source=str(src.resolve()))

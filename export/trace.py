@@ -65,8 +65,8 @@ def example_inputs(kind: str, spec: DecoderSpec, batch: int = 2, seq: int = 3, p
     return (ids, torch.ones(batch, past + seq, dtype=torch.int64), positions, keep, *caches)
 
 
-def trace(module: DecoderLM, directory: Path, kind: str) -> onnx.ModelProto:
-    """Write directory/model.onnx (+ model.onnx.data) for graph `kind`; returns the graph without weights."""
+def trace(module: DecoderLM, directory: Path, kind: str) -> None:
+    """Write directory/model.onnx (+ model.onnx.data) for graph `kind`."""
     module.eval()
     spec = module.spec
     graph = FusedDecoderGraph(module) if kind == "fused" else module
@@ -84,7 +84,6 @@ def trace(module: DecoderLM, directory: Path, kind: str) -> onnx.ModelProto:
         share_tied_embedding(model)
     onnx.save_model(model, str(directory / GRAPH_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
-    return onnx.load(str(directory / GRAPH_FILE), load_external_data=False)
 
 
 def tensor_infos(values) -> tuple[TensorInfo, ...]:

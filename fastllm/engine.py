@@ -100,7 +100,7 @@ class Engine:
         start = time.perf_counter()
         first = last = None
         sequences: list[Sequence] = []
-        for step, sequences in enumerate(self._decode(prompts, params)):
+        for sequences in self._decode(prompts, params):
             last = time.perf_counter()
             first = first or last
         completions = [self._completion(s, start, first, last) for s in sequences]

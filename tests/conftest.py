@@ -53,6 +53,23 @@ def hf_models(hf_dirs):
             for arch, path in hf_dirs.items()}
 
 
+@pytest.fixture
+def renamed_source(hf_dirs, tmp_path):
+    """A copy of the tiny GPT-2 directory whose config.json claims another architecture."""
+    import json
+    import shutil
+
+    def make(architecture: str):
+        src = tmp_path / "src"
+        shutil.copytree(hf_dirs["GPT2LMHeadModel"], src)
+        config = json.loads((src / "config.json").read_text())
+        config["architectures"] = [architecture]
+        (src / "config.json").write_text(json.dumps(config))
+        return src
+
+    return make
+
+
 @pytest.fixture(params=TINY_ARCHITECTURES)
 def arch(request):
     return request.param

@@ -41,7 +41,8 @@ def test_results_json_structure(bench_run):
     assert any("300" in note for note in results["notes"])
     labels = [e["label"] for e in shape["engines"]]
     assert labels[:3] == ["torch eager fp32", "fastllm fused fp32", "fastllm portable fp32"]
-    assert [r["label"] for r in shape["results"]] == labels[:3]
+    ran = [e["label"] for e in shape["engines"] if e["skipped"] is None]  # the genai peer runs only when installed
+    assert [r["label"] for r in shape["results"]] == ran and ran[:3] == labels[:3]
 
 
 def test_numbers_are_positive_and_raw_runs_kept(bench_run):
@@ -66,7 +67,7 @@ def test_numbers_are_positive_and_raw_runs_kept(bench_run):
 
 def test_each_engine_ran_in_its_own_process_with_the_same_weights(bench_run):
     _, _, results = bench_run
-    torch_row, *fastllm_rows = results["shapes"][0]["results"]
+    torch_row, *fastllm_rows = [r for r in results["shapes"][0]["results"] if r["engine"] in ("torch-fp32", "fastllm")]
     assert torch_row["details"]["torch_threads"] == 1 and torch_row["details"]["attn_implementation"]
     assert torch_row["torch_imported"] and len(fastllm_rows) == 2
     for fastllm_row in fastllm_rows:

@@ -154,12 +154,8 @@ def test_cli_errors_for_model_directory_and_prompt(exported, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_unsupported_architecture(hf_dirs, tmp_path):
-    src = tmp_path / "src"
-    shutil.copytree(hf_dirs["GPT2LMHeadModel"], src)
-    config = json.loads((src / "config.json").read_text())
-    config["architectures"] = ["MambaForCausalLM"]
-    (src / "config.json").write_text(json.dumps(config))
+def test_cli_unsupported_architecture(renamed_source, tmp_path):
+    src = renamed_source("MambaForCausalLM")
     result = run_cli("export", src, tmp_path / "out")
     assert result.returncode == 1
     assert "'MambaForCausalLM' is not supported; supported architectures: GPT2LMHeadModel" in result.stderr

@@ -55,14 +55,8 @@ def test_failed_verification_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unsupported_architecture_names_the_supported_ones(hf_dirs, tmp_path):
-    import shutil
-
-    src = tmp_path / "src"
-    shutil.copytree(hf_dirs["GPT2LMHeadModel"], src)
-    config = json.loads((src / "config.json").read_text())
-    config["architectures"] = ["FalconForCausalLM"]
-    (src / "config.json").write_text(json.dumps(config))
+def test_unsupported_architecture_names_the_supported_ones(renamed_source, tmp_path):
+    src = renamed_source("FalconForCausalLM")
     with pytest.raises(fastllm.UnsupportedArchitectureError, match="'FalconForCausalLM' is not supported.*"
                                                                    "LlamaForCausalLM.*Phi3ForCausalLM"):
         export_model(src, tmp_path / "out")
