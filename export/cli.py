@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -16,24 +19,113 @@ def register(subparsers) -> None:
     p.add_argument("--graph", choices=("fused", "portable"), default=None,
                    help="fused: ONNX Runtime contrib ops, KV cache written in place (default where it applies); "
                         "portable: plain ONNX ops")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                   help="fp32 (default; CPU) or fp16 (for CUDA: weights, activations and KV cache in float16)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
+                   help="fp32 (default; CPU), fp16 (for CUDA), or int8 / int4 weight-only (exported in fp32, then "
+                        "quantized with a quality report and gate, as `fastllm quantize`)")
+    add_quant_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--threads", type=int, default=None, help="threads for verification (default: all cores)")
     p.set_defaults(func=run)
 
 
+def add_quant_options(p) -> None:
+    q = p.add_argument_group("quantization (int8 / int4)")
+    q.add_argument("--block-size", type=int, default=None, help="weights per scale (default: int4 32, int8 128)")
+    q.add_argument("--asymmetric", action="store_true", help="zero points per block (default: symmetric)")
+    q.add_argument("--accuracy-level", type=int, default=4,
+                   help="MatMulNBits compute type: 4 = int8 (default; fast on VNNI/AMX), 0 = fp32")
+    q.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in fp32")
+    q.add_argument("--max-ppl-increase", type=float, default=None,
+                   help="quality gate: relative perplexity increase allowed (default: int8 0.01, int4 0.05)")
+    q.add_argument("--text", default=None, help="text for the perplexity check (default: the held-out split of the "
+                                                "project's Python documentation corpus)")
+    q.add_argument("--force", action="store_true", help="write the model even if it fails the quality gate")
+
+
+def quant_options(args):
+    from export.quantize import QuantOptions
+
+    return QuantOptions(args.precision, block_size=args.block_size, symmetric=not args.asymmetric,
+                        accuracy_level=args.accuracy_level, lm_head=not args.keep_lm_head,
+                        max_ppl_increase=args.max_ppl_increase)
+
+
+def read_text(path: str | None) -> str | None:
+    from fastllm.errors import FastLLMError
+
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise FastLLMError(f"cannot read --text {path}: {e}") from None
+
+
+def _progress(line: str) -> None:
+    print(f"[export] {line}", file=sys.stderr)
+
+
 def run(args) -> int:
     try:
-        from export.pipeline import export_model
+        from export.pipeline import check_destination, export_model
     except ImportError as e:
         from fastllm.errors import FastLLMError
 
         raise FastLLMError(f"`fastllm export` needs the export extra ({e.name} is missing): "
                            "pip install torch==2.13.0 'fastllm[export]'") from None
-    manifest = export_model(args.src, args.out, graph=args.graph, precision=args.precision, max_context=args.max_context, overwrite=args.overwrite,
-                            threads=args.threads, progress=lambda line: print(f"[export] {line}", file=sys.stderr))
+    if args.precision in ("int8", "int4"):  # export fp32 beside OUT, then quantize it into OUT
+        from export.quantize import quantize_model
+
+        options = quant_options(args)  # checked before any work
+        out = Path(args.out)
+        check_destination(out, args.overwrite)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fp32 = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.parent))
+        try:
+            export_model(args.src, fp32 / "model", graph=args.graph, max_context=args.max_context,
+                         threads=args.threads, progress=_progress)
+            manifest = quantize_model(fp32 / "model", out, options, text=read_text(args.text), force=args.force,
+                                      overwrite=args.overwrite, progress=_progress)
+        finally:
+            shutil.rmtree(fp32, ignore_errors=True)
+        print(f"{args.out}: {manifest.architecture}, {manifest.graph.kind} graph, {manifest.precision}; "
+              + describe_quality(manifest))
+        return 0
+    manifest = export_model(args.src, args.out, graph=args.graph, precision=args.precision,
+                            max_context=args.max_context, overwrite=args.overwrite, threads=args.threads,
+                            progress=_progress)
     v = manifest.verification
-    print(f"{args.out}: {manifest.architecture}, {manifest.num_layers} layers, {manifest.graph.kind} graph, {manifest.precision}; verified: max |Δlogits| "
-          f"{v['max_abs_diff']:.2e} <= {v['tolerance']:.2e}, greedy {v['new_tokens']} tokens identical")
+    print(f"{args.out}: {manifest.architecture}, {manifest.num_layers} layers, {manifest.graph.kind} graph, "
+          f"{manifest.precision}; verified: max |Δlogits| {v['max_abs_diff']:.2e} <= {v['tolerance']:.2e}, "
+          f"greedy {v['new_tokens']} tokens identical")
+    return 0
+
+
+def describe_quality(manifest) -> str:
+    from export.quantize import describe_report
+
+    return describe_report(manifest.quantization["quality"])
+
+
+def register_quantize(subparsers) -> None:
+    p = subparsers.add_parser("quantize", help="quantize an exported fp32 model to int8 / int4, with a quality gate",
+                              description="Weight-only quantization of the fp32 model directory SRC into OUT. "
+                                          "Measures perplexity, greedy agreement, |Δlogits| and KL against SRC, "
+                                          "stores the report in the manifest, and refuses (writing nothing) when "
+                                          "perplexity rises more than the budget, unless --force.")
+    p.add_argument("src", help="fastllm model directory, fp32")
+    p.add_argument("out")
+    p.add_argument("--precision", choices=("int8", "int4"), required=True)
+    p.add_argument("--overwrite", action="store_true")
+    add_quant_options(p)
+    p.set_defaults(func=run_quantize)
+
+
+def run_quantize(args) -> int:
+    from export.quantize import quantize_model
+
+    manifest = quantize_model(args.src, args.out, quant_options(args), text=read_text(args.text), force=args.force,
+                              overwrite=args.overwrite, progress=_progress)
+    print(f"{args.out}: {manifest.architecture}, {manifest.graph.kind} graph, {manifest.precision}; "
+          + describe_quality(manifest))
     return 0

@@ -53,6 +53,21 @@ def hf_models(hf_dirs):
             for arch, path in hf_dirs.items()}
 
 
+@pytest.fixture(scope="session")
+def bundled_dir(tmp_path_factory):
+    """The project's trained model, exported (first use) into a private cache."""
+    import os
+
+    from train.bundled import default_model
+
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["FASTLLM_CACHE"] = str(cache)
+    try:
+        yield default_model(progress=lambda line: None)
+    finally:
+        os.environ.pop("FASTLLM_CACHE", None)
+
+
 @pytest.fixture
 def renamed_source(hf_dirs, tmp_path):
     """A copy of the tiny GPT-2 directory whose config.json claims another architecture."""

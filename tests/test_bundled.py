@@ -13,19 +13,9 @@ import pytest
 
 import fastllm
 from fastllm.perplexity import perplexity
-from train.bundled import BUNDLED, default_model
+from train.bundled import BUNDLED
 from train.corpus import held_out_text
 from train.evaluate import torch_perplexity
-
-
-@pytest.fixture(scope="module")
-def bundled_dir(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    os.environ["FASTLLM_CACHE"] = str(cache)
-    try:
-        yield default_model(progress=lambda line: None)
-    finally:
-        os.environ.pop("FASTLLM_CACHE", None)
 
 
 def test_shipped_directory_is_a_standard_hugging_face_model():
