@@ -12,9 +12,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 import onnx
 import torch
@@ -194,6 +195,23 @@ def commit(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def staging(out: Path, what: str):
+    """A temporary directory beside OUT that becomes OUT when the block completes, and vanishes when it fails."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        commit(tmp, out)
+    except FastLLMError:
+        raise
+    except Exception as e:
+        raise ExportError(f"{what} failed: {type(e).__name__}: {e}") from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 # -- the pipeline -------------------------------------------------------------------------------------------------
 def export_pretrained(model, out, *, tokenizer=None, graph: str | None = None, precision: str = "fp32",
                       max_context: int | None = None, overwrite: bool = False, threads: int | None = None,
@@ -203,10 +221,8 @@ def export_pretrained(model, out, *, tokenizer=None, graph: str | None = None, p
     check_destination(out, overwrite)
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    with staging(out, "export") as tmp:
         model = model.float().eval()
         progress(f"adapt: {type(model).__name__}")
         module, adapted = adapt(model, max_context)
@@ -232,16 +248,8 @@ def export_pretrained(model, out, *, tokenizer=None, graph: str | None = None, p
                  f"greedy {report.new_tokens} tokens identical")
         manifest = dataclasses.replace(manifest, verification=report.to_dict())
         manifest.write(tmp)
-        commit(tmp, out)
-        progress(f"done in {time.perf_counter() - t0:.1f}s: {out}")
-        return manifest
-    except FastLLMError:
-        raise
-    except Exception as e:
-        raise ExportError(f"export failed: {type(e).__name__}: {e}") from e
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    progress(f"done in {time.perf_counter() - t0:.1f}s: {out}")
+    return manifest
 
 
 def export_model(src, out, *, graph: str | None = None, precision: str = "fp32", max_context: int | None = None,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,9 +21,9 @@ import onnx
 
 import fastllm
 from export.optimize import optimize
-from export.pipeline import check_destination, commit
+from export.pipeline import check_destination, staging
 from export.trace import DATA_FILE, GRAPH_FILE
-from fastllm.errors import ExportError, FastLLMError
+from fastllm.errors import ExportError
 from fastllm.manifest import Manifest
 from fastllm.perplexity import perplexity
 
@@ -163,23 +162,18 @@ def quantize_model(src, out, options: QuantOptions, *, text: str | None = None, 
         from train.corpus import held_out_text
 
         text = held_out_text()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    with staging(out, "quantization") as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         progress(f"quantize: {options.precision}, blocks of {options.block_size}, "
                  f"{'symmetric' if options.symmetric else 'asymmetric'}, accuracy level {options.accuracy_level}, "
                  f"LM head {'quantized' if options.lm_head else 'fp32'}")
         kept = quantize_graph(tmp, options)
-        optimized = manifest.graph.optimized
-        if manifest.graph.kind == "fused":
-            optimized = optimize(tmp, target="cpu")
-        graph = dataclasses.replace(manifest.graph, optimized=optimized)
+        optimized = optimize(tmp, target="cpu") if manifest.graph.kind == "fused" else manifest.graph.optimized
         quantization = {"method": "RTN (onnxruntime MatMulNBitsQuantizer)", "bits": BITS[options.precision],
                         **{k: v for k, v in asdict(options).items() if k != "precision"}, "fp32_matmuls": kept}
         quantized = dataclasses.replace(manifest, precision=options.precision, quantization=quantization,
-                                        graph=graph)
+                                        graph=dataclasses.replace(manifest.graph, optimized=optimized))
         quantized.write(tmp)
         progress("quality: perplexity, greedy agreement, |Δlogits| and KL against the fp32 model")
         report = quality_report(src, tmp, text=text)
@@ -196,16 +190,8 @@ def quantize_model(src, out, options: QuantOptions, *, text: str | None = None, 
                 "--max-ppl-increase, or pass --force")
         quantized = dataclasses.replace(quantized, quantization={**quantization, "quality": report})
         quantized.write(tmp)
-        commit(tmp, out)
-        progress(f"done in {time.perf_counter() - t0:.1f}s: {out}")
-        return quantized
-    except FastLLMError:
-        raise
-    except Exception as e:
-        raise ExportError(f"quantization failed: {type(e).__name__}: {e}") from e
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    progress(f"done in {time.perf_counter() - t0:.1f}s: {out}")
+    return quantized
 
 
 def describe_report(report: dict) -> str:

@@ -25,7 +25,20 @@ from fastllm.sampler import SamplingParams
 __version__ = "0.1.0"
 
 __all__ = [
-    "Completion", "ContextLengthError", "DeviceError", "Engine", "ExportError", "FORMAT_VERSION", "FastLLMError",
-    "InvalidParameterError", "InvalidPromptError", "Manifest", "ManifestError", "ModelLoadError", "SamplingParams",
-    "UnsupportedArchitectureError", "VerificationError", "load",
+    "FORMAT_VERSION",
+    "Completion",
+    "ContextLengthError",
+    "DeviceError",
+    "Engine",
+    "ExportError",
+    "FastLLMError",
+    "InvalidParameterError",
+    "InvalidPromptError",
+    "Manifest",
+    "ManifestError",
+    "ModelLoadError",
+    "SamplingParams",
+    "UnsupportedArchitectureError",
+    "VerificationError",
+    "load",
 ]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -15,6 +15,7 @@ from fastllm.manifest import Manifest
 from fastllm.sampler import SamplingParams, TokenHistory, sample
 from fastllm.session import Device, Session
 from fastllm.tokenizer import IncrementalDetokenizer, Tokenizer
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -35,7 +36,7 @@ class Completion:
 class Sequence:
     """One row of a request: its tokens, its text so far and why it finished."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, engine: "Engine", seed: int | None):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, engine: Engine, seed: int | None):
         self.prompt_ids = prompt_ids
         self.params = params
         self.token_ids: list[int] = []

@@ -24,7 +24,7 @@ class TensorInfo:
     shape: tuple  # ints for fixed dims, strings for symbolic ones
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TensorInfo":
+    def from_dict(cls, d: dict) -> TensorInfo:
         return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
 
 
@@ -43,7 +43,7 @@ class GraphInfo:
     optimized: dict | None = None  # {"target": "cpu", "level": "extended", ...} when ORT's passes ran at export
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GraphInfo":
+    def from_dict(cls, d: dict) -> GraphInfo:
         d = dict(d)
         d["inputs"] = tuple(TensorInfo.from_dict(t) for t in d["inputs"])
         d["outputs"] = tuple(TensorInfo.from_dict(t) for t in d["outputs"])
@@ -107,7 +107,7 @@ class Manifest:
         return path
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Manifest":
+    def from_dict(cls, d: dict) -> Manifest:
         version = d.get("format_version")
         if version != FORMAT_VERSION:
             raise ManifestError(
@@ -123,7 +123,7 @@ class Manifest:
             raise ManifestError(f"fastllm.json is incomplete or malformed ({e}); {REEXPORT_HINT}") from None
 
     @classmethod
-    def read(cls, directory: str | os.PathLike) -> "Manifest":
+    def read(cls, directory: str | os.PathLike) -> Manifest:
         directory = Path(directory)
         if not directory.exists():
             raise ModelLoadError(f"model directory {str(directory)!r} does not exist; pass the OUT directory of "

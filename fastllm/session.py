@@ -25,7 +25,7 @@ class Device:
     index: int = 0
 
     @classmethod
-    def parse(cls, device: str) -> "Device":
+    def parse(cls, device: str) -> Device:
         if not isinstance(device, str):
             raise InvalidParameterError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         kind, _, index = device.partition(":")

@@ -45,7 +45,7 @@ def test_model_directory_layout(exported, variant):
 def test_failed_verification_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
     # Break the adapter for real (drop Mistral's sliding window): the traced graph is then wrong for long
     # sequences and verification must stop the export.
-    import export.architectures.llama as llama
+    from export.architectures import llama
 
     monkeypatch.setattr(llama, "sliding_windows", lambda *a: ())
     out = tmp_path / "out"

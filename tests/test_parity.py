@@ -66,7 +66,7 @@ def test_token_id_prompts_equal_text_prompts(engines, tokenizer):
 @pytest.mark.parametrize("graph", ["fused", "portable"])
 def test_prompt_is_not_recomputed(exported, monkeypatch, graph):
     """Prefill runs once over the prompt; every later step feeds exactly one new token per row."""
-    manifest, path = exported["LlamaForCausalLM", graph]
+    _, path = exported["LlamaForCausalLM", graph]
     engine = fastllm.load(path)
     seen = []
     forward = engine.session.forward

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 import fastllm
 from fastllm.perplexity import log_softmax_pick, perplexity, windows

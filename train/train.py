@@ -170,7 +170,7 @@ def train(cfg: TrainConfig, out: Path, command: str) -> dict:
         "parameters": params, "tokens_seen": tokens, "val_loss": round(val, 4), "val_ppl": round(math.exp(val), 3),
         "history": history, "config": asdict(cfg),
         "corpus": {"train_documents": len(train_texts), "held_out_documents": len(held_texts),
-                   "train_tokens": int(len(train_ids)), "held_out_tokens": int(len(held_ids)),
+                   "train_tokens": len(train_ids), "held_out_tokens": len(held_ids),
                    "train_fingerprint": corpus.fingerprint(train_texts),
                    "held_out_fingerprint": corpus.fingerprint(held_texts)},
         "python": platform.python_version(), "torch": torch.__version__, "threads": cfg.threads,
