@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,9 @@ def open_session(directory: Path, manifest: Manifest, *, device: Device, threads
         raise DeviceError("this model's fused fp32 graph cannot run on CUDA: GroupQueryAttention's CUDA kernel takes "
                           "float16 only; export it with `fastllm export SRC OUT --precision fp16` for the GPU, "
                           "or load it with device='cpu'")
+    if device.kind == "cpu" and manifest.precision == "fp16":
+        warnings.warn("this model is fp16, which is meant for CUDA: on the CPU ONNX Runtime runs it slower than "
+                      "fp32 (export fp32, int8 or int4 for the CPU)", RuntimeWarning, stacklevel=4)
     optimized = manifest.graph.optimized or {}
     options = session_options(threads, preoptimized=optimized.get("target") == device.kind)
     try:
