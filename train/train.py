@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.tiny import SPECIAL, train_tokenizer
 from train import corpus
 
-EOS, PAD = 0, 1
-SPECIAL = ["<|endoftext|>", "<|pad|>"]
+EOS, PAD = 0, 1  # the ids of SPECIAL's two tokens
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,6 @@ class TrainConfig:
             raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
         if self.seq_len > self.max_context:
             raise ValueError(f"seq_len ({self.seq_len}) must be <= max_context ({self.max_context})")
-
-
-def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
 
 
 def encode(tok, texts: list[str]) -> np.ndarray:
@@ -131,7 +119,7 @@ def train(cfg: TrainConfig, out: Path, command: str) -> dict:
     train_texts, held_texts = corpus.split()
     print(f"corpus: {len(train_texts)} train / {len(held_texts)} held-out documents, "
           f"{sum(map(len, train_texts)):,} / {sum(map(len, held_texts)):,} characters", file=sys.stderr)
-    tok = train_tokenizer(train_texts, cfg.vocab_size)
+    tok = train_tokenizer(cfg.vocab_size, train_texts)
     train_ids, held_ids = encode(tok, train_texts), encode(tok, held_texts)
     print(f"tokenizer: byte-level BPE, {tok.get_vocab_size()} ids; {len(train_ids):,} train / {len(held_ids):,} "
           f"held-out tokens ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
