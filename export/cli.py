@@ -30,11 +30,22 @@ def register(subparsers) -> None:
 
 def add_quant_options(p) -> None:
     q = p.add_argument_group("quantization (int8 / int4)")
+    q.add_argument("--method", choices=("weight-only", "dynamic"), default=None,
+                   help="weight-only: block-wise MatMulNBits (int8 and int4); dynamic: int8 MatMulInteger with "
+                        "activations quantized per call (int8 only). Default: weight-only")
     q.add_argument("--block-size", type=int, default=None, help="weights per scale (default: int4 32, int8 128)")
     q.add_argument("--asymmetric", action="store_true", help="zero points per block (default: symmetric)")
     q.add_argument("--accuracy-level", type=int, default=4,
                    help="MatMulNBits compute type: 4 = int8 (default; fast on VNNI/AMX), 0 = fp32")
     q.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in fp32")
+    q.add_argument("--keep-embedding", action="store_true",
+                   help="leave the embedding lookup in fp32 (default: block-quantized, sharing the LM head's "
+                        "quantized weight when they are tied)")
+    q.add_argument("--mixed", choices=("int8", "fp32"), default=None,
+                   help="mixed precision: measure each MatMul's sensitivity and keep the most sensitive ones in "
+                        "int8 (or fp32) until perplexity on calibration text is within --max-ppl-increase")
+    q.add_argument("--calibration-text", default=None,
+                   help="text for --mixed (default: the training split of the project's corpus)")
     q.add_argument("--max-ppl-increase", type=float, default=None,
                    help="quality gate: relative perplexity increase allowed (default: int8 0.01, int4 0.05)")
     q.add_argument("--text", default=None, help="text for the perplexity check (default: the held-out split of the "
@@ -45,9 +56,10 @@ def add_quant_options(p) -> None:
 def quant_options(args):
     from export.quantize import QuantOptions
 
-    return QuantOptions(args.precision, block_size=args.block_size, symmetric=not args.asymmetric,
+    method = {} if args.method is None else {"method": args.method}
+    return QuantOptions(args.precision, **method, block_size=args.block_size, symmetric=not args.asymmetric,
                         accuracy_level=args.accuracy_level, lm_head=not args.keep_lm_head,
-                        max_ppl_increase=args.max_ppl_increase)
+                        embedding=not args.keep_embedding, mixed=args.mixed, max_ppl_increase=args.max_ppl_increase)
 
 
 def read_text(path: str | None) -> str | None:
@@ -58,7 +70,7 @@ def read_text(path: str | None) -> str | None:
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise FastLLMError(f"cannot read --text {path}: {e}") from None
+        raise FastLLMError(f"cannot read {path}: {e}") from None
 
 
 def _progress(line: str) -> None:
@@ -84,7 +96,8 @@ def run(args) -> int:
         try:
             export_model(args.src, fp32 / "model", graph=args.graph, max_context=args.max_context,
                          threads=args.threads, progress=_progress)
-            manifest = quantize_model(fp32 / "model", out, options, text=read_text(args.text), force=args.force,
+            manifest = quantize_model(fp32 / "model", out, options, text=read_text(args.text),
+                                      calibration=read_text(args.calibration_text), force=args.force,
                                       overwrite=args.overwrite, progress=_progress)
         finally:
             shutil.rmtree(fp32, ignore_errors=True)
@@ -124,7 +137,8 @@ def register_quantize(subparsers) -> None:
 def run_quantize(args) -> int:
     from export.quantize import quantize_model
 
-    manifest = quantize_model(args.src, args.out, quant_options(args), text=read_text(args.text), force=args.force,
+    manifest = quantize_model(args.src, args.out, quant_options(args), text=read_text(args.text),
+                              calibration=read_text(args.calibration_text), force=args.force,
                               overwrite=args.overwrite, progress=_progress)
     print(f"{args.out}: {manifest.architecture}, {manifest.graph.kind} graph, {manifest.precision}; "
           + describe_quality(manifest))

@@ -61,7 +61,8 @@ def load_source(src: Path):
     try:
         return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager")
     except Exception as e:
-        raise ModelLoadError(f"transformers could not load {src}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        first = str(e).splitlines()[0] if str(e) else repr(e)
+        raise ModelLoadError(f"transformers could not load {src}: {first}") from None
 
 
 # -- stage 2: adapt -----------------------------------------------------------------------------------------------
@@ -227,8 +228,9 @@ def export_pretrained(model, out, *, tokenizer=None, graph: str | None = None, p
         progress(f"adapt: {type(model).__name__}")
         module, adapted = adapt(model, max_context)
         kind = choose_graph(adapted.spec, graph)
-        progress(f"trace: {kind} graph, {adapted.spec.num_layers} layers, hidden {adapted.spec.hidden_size}, "
-                 f"vocab {adapted.spec.vocab_size}, context {adapted.spec.max_context} -> ONNX opset {trace_stage.OPSET}")
+        spec = adapted.spec
+        progress(f"trace: {kind} graph, {spec.num_layers} layers, hidden {spec.hidden_size}, vocab {spec.vocab_size}, "
+                 f"context {spec.max_context} -> ONNX opset {trace_stage.OPSET}")
         trace_stage.trace(module, tmp, kind)
         del module
         optimized = None

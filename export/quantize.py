@@ -1,11 +1,19 @@
-"""Weight-only quantization of an exported fp32 model directory, with its quality cost measured and gated.
+"""Quantization of an exported fp32 model directory, with its quality cost measured and gated.
 
-The MatMul weights become block-wise int8 or int4 (`MatMulNBits`, ONNX Runtime's quantizer, round-to-nearest);
-the embedding lookup stays fp32 (one row per token: no speed to gain). Quality is measured against the fp32
-directory it came from (itself verified against PyTorch), through the runtime: perplexity on held-out text,
-greedy-token agreement over a set of prompts, |Δlogits| and the KL divergence of next-token distributions. The
-gate refuses a result whose perplexity rises more than the precision's budget, unless forced; nothing is written
-then.
+Methods (all through ONNX Runtime's quantization tools, round-to-nearest):
+- weight-only (int8 and int4): MatMul weights become block-wise `MatMulNBits`; activations stay fp32 and the
+  kernel computes in int8 on VNNI/AMX (accuracy_level 4).
+- dynamic (int8): `MatMulInteger` with per-output-channel int8 weights, activations quantized per call
+  (`DynamicQuantizeMatMul` after ORT's fusion).
+- embedding: the lookup becomes a block-quantized `GatherBlockQuantized`, sharing the LM head's bytes when the
+  two are tied (export/quantized_embedding.py).
+- mixed precision: the MatMuls whose quantization costs most, measured one by one, are kept in int8 (or fp32)
+  until a perplexity budget is met (export/mixed.py).
+
+Quality is measured against the fp32 directory it came from (itself verified against PyTorch), through the
+runtime: perplexity on held-out text, greedy-token agreement over a set of prompts, |Δlogits| and the KL divergence
+of next-token distributions. The gate refuses a result whose perplexity rises more than the precision's budget,
+unless forced; nothing is written then.
 """
 
 from __future__ import annotations
@@ -18,70 +26,186 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import load_external_data_for_tensor
 
 import fastllm
 from export.optimize import optimize
 from export.pipeline import check_destination, staging
+from export.quantized_embedding import quantize_embedding
 from export.trace import DATA_FILE, GRAPH_FILE
 from fastllm.errors import ExportError
 from fastllm.manifest import Manifest
 from fastllm.perplexity import perplexity
 
 BITS = {"int8": 8, "int4": 4}
+METHODS = {"int8": ("weight-only", "dynamic"), "int4": ("weight-only",)}
 PPL_BUDGET = {"int8": 0.01, "int4": 0.05}  # default gate: relative perplexity increase allowed
 # Defaults chosen by measurement (smollm2-135m shape, 2 threads, TPOT): int4 symmetric blocks of 32 with int8
 # compute 5.4 ms (asymmetric 6.6, fp32 compute 10.1); int8 blocks of 128 with int8 compute 8.4 ms (blocks of 32:
 # 9.2; fp32 compute: 213).
-BLOCK_SIZE = {"int8": 128, "int4": 32}
+BLOCK_SIZE = {8: 128, 4: 32}
+EVAL_TOKENS = 16384  # perplexity in the report: at most this many held-out tokens (a 49k vocabulary is slow)
 
 
 @dataclass(frozen=True)
 class QuantOptions:
     precision: str  # "int8" | "int4"
+    method: str = "weight-only"  # int8 also "dynamic"
     block_size: int | None = None  # None: the precision's default (BLOCK_SIZE)
     symmetric: bool = True
     accuracy_level: int = 4  # 4: int8 compute (VNNI / AMX on x86), 0: fp32 compute
     lm_head: bool = True  # quantize the LM head too
+    embedding: bool = True  # quantize the embedding lookup (shares the LM head's bytes when tied)
+    mixed: str | None = None  # "int8" | "fp32": keep the most sensitive MatMuls there to meet the budget
     max_ppl_increase: float | None = None  # None: the precision's default budget
 
     def __post_init__(self):
         if self.precision not in BITS:
             raise ExportError(f"precision must be one of {', '.join(BITS)} for quantization, got {self.precision!r}")
+        if self.method not in METHODS[self.precision]:
+            raise ExportError(f"method {self.method!r} is not available for {self.precision}; choose one of "
+                              f"{', '.join(METHODS[self.precision])}")
         if self.block_size is None:
-            object.__setattr__(self, "block_size", BLOCK_SIZE[self.precision])
+            object.__setattr__(self, "block_size", BLOCK_SIZE[BITS[self.precision]])
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ExportError(f"block_size must be a power of two >= 16, got {self.block_size}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ExportError(f"accuracy_level must be 0-4, got {self.accuracy_level}")
+        if self.mixed is not None:
+            if self.mixed not in ("int8", "fp32") or self.mixed == self.precision:
+                raise ExportError(f"--mixed keeps sensitive MatMuls at a higher precision than {self.precision}: "
+                                  f"choose {'int8 or fp32' if self.precision == 'int4' else 'fp32'}, "
+                                  f"got {self.mixed!r}")
+            if self.method != "weight-only":
+                raise ExportError("--mixed works with weight-only quantization, not --method dynamic")
+
+    @property
+    def bits(self) -> int:
+        return BITS[self.precision]
 
     @property
     def budget(self) -> float:
         return PPL_BUDGET[self.precision] if self.max_ppl_increase is None else self.max_ppl_increase
 
 
-# -- stage: quantize the graph ------------------------------------------------------------------------------------
-def quantize_graph(directory: Path, options: QuantOptions) -> list[str]:
-    """Rewrite directory/model.onnx in place; returns the names of the MatMuls left in fp32."""
+# -- the graph ----------------------------------------------------------------------------------------------------
+def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The MatMuls with a constant weight, in graph order: what quantization rewrites."""
+    inits = {t.name for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    if any(not n.name for n in nodes) or len({n.name for n in nodes}) != len(nodes):
+        raise ExportError("the graph's MatMul nodes need unique names to be quantized one by one")
+    return nodes
+
+
+def matmul_labels(model: onnx.ModelProto, num_layers: int) -> dict[str, str]:
+    """Readable names for the weight MatMuls ("layers.3 576x960", "lm_head 576x49152"): the traced node names are
+    not (\"/MatMul_7\"). Layers are told apart by position: each decoder layer contributes the same MatMuls."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, head = weight_matmuls(model), lm_head(model)
+    body = [n for n in nodes if head is None or n.name != head.name]
+    per_layer = len(body) // num_layers if num_layers and len(body) % num_layers == 0 else None
+    labels = {}
+    for i, node in enumerate(nodes):
+        shape = "x".join(str(d) for d in inits[node.input[1]].dims)
+        if head is not None and node.name == head.name:
+            labels[node.name] = f"lm_head {shape}"
+        else:
+            labels[node.name] = f"layers.{body.index(node) // per_layer} {shape}" if per_layer else \
+                f"{node.name} {shape}"
+    return labels
+
+
+def lm_head(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    return next((n for n in model.graph.node if "logits" in n.output and n.op_type in ("MatMul", "MatMulNBits")),
+                None)
+
+
+def load_weights(model: onnx.ModelProto, base: Path, names) -> None:
+    """Bring the named external initializers of a model loaded without its data into memory."""
+    names = set(names)
+    for tensor in model.graph.initializer:
+        if tensor.name in names and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            load_external_data_for_tensor(tensor, str(base))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+
+
+def weight_only(light: onnx.ModelProto, base: Path, assignment: dict[str, int], options: QuantOptions
+                ) -> onnx.ModelProto:
+    """A copy of `light` (graph loaded without its data, next to `base`) with each MatMul named in `assignment`
+    quantized to its bits; the new weights are held in memory, the untouched ones still refer to base's data."""
     import logging
 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
-    model = onnx.load(str(directory / GRAPH_FILE), load_external_data=True)
-    keep = [] if options.lm_head else [n.name for n in model.graph.node if "logits" in n.output]
-    quantizer = MatMulNBitsQuantizer(model, bits=BITS[options.precision], block_size=options.block_size,
-                                     is_symmetric=options.symmetric, accuracy_level=options.accuracy_level,
-                                     nodes_to_exclude=keep)
-    quantizer.process()
-    (directory / DATA_FILE).unlink()
-    quantizer.model.save_model_to_file(str(directory / GRAPH_FILE), use_external_data_format=True)
-    saved = onnx.load(str(directory / GRAPH_FILE), load_external_data=False)
-    # the quantizer names its external data file after the graph; keep the directory's convention
-    data = {t.external_data[0].value for t in saved.graph.initializer if t.external_data}
-    if data != {DATA_FILE}:
-        raise ExportError(f"the quantizer wrote weights to {sorted(data)}, expected {DATA_FILE}")
-    return keep + [n.name for n in saved.graph.node if n.op_type == "MatMul" and n.input[1] in
-                   {t.name for t in saved.graph.initializer}]
+    model = onnx.ModelProto()
+    model.CopyFrom(light)
+    nodes = {n.name: n for n in weight_matmuls(model)}
+    for bits in sorted(set(assignment.values())):
+        group = [name for name, b in assignment.items() if b == bits]
+        load_weights(model, base, [nodes[name].input[1] for name in group])
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size if bits == options.bits
+                                         else BLOCK_SIZE[bits], is_symmetric=options.symmetric,
+                                         accuracy_level=options.accuracy_level,
+                                         nodes_to_exclude=[n for n in nodes if n not in group])
+        quantizer.process()
+        model = quantizer.model.model
+    return model
+
+
+def dynamic_int8(model: onnx.ModelProto, scratch: Path, exclude: list[str]) -> onnx.ModelProto:
+    """MatMul weights per-output-channel int8, activations quantized on the fly (MatMulInteger)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    path = scratch / "dynamic.onnx"
+    # DefaultTensorType: our graphs carry contrib ops whose outputs the quantizer cannot type; they are all fp32
+    quantize_dynamic(model, path, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
+                     nodes_to_exclude=exclude, use_external_data_format=True,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return onnx.load(str(path), load_external_data=True)
+
+
+def quantize_graph(src: Path, out: Path, options: QuantOptions, *, kept: dict[str, str] | None = None) -> dict:
+    """Write src's graph quantized into out/model.onnx (+ data); returns what was done, for the manifest.
+
+    kept: MatMul name -> "int8" | "fp32" for the nodes mixed precision keeps higher.
+    """
+    light = onnx.load(str(src / GRAPH_FILE), load_external_data=False)
+    nodes = weight_matmuls(light)
+    head = lm_head(light)
+    tied = head is not None and any(n.op_type == "Gather" and n.input[0] == head.input[1] for n in light.graph.node)
+    precision = {n.name: options.precision for n in nodes}
+    if head is not None and not options.lm_head:
+        precision[head.name] = "fp32"
+    precision.update(kept or {})
+    with_data = [n.name for n in nodes if precision[n.name] == "fp32"]
+    out.mkdir(parents=True, exist_ok=True)
+    if options.method == "dynamic":
+        load_weights(light, src, [t.name for t in light.graph.initializer])
+        model = dynamic_int8(light, out, exclude=with_data)
+    else:
+        model = weight_only(light, src, {name: BITS[p] for name, p in precision.items() if p != "fp32"}, options)
+        load_weights(model, src, [t.name for t in model.graph.initializer])
+    embedding = {"quantized": False}
+    if options.embedding:
+        head_node = lm_head(model)
+        shared = head_node if tied and head_node is not None and head_node.op_type == "MatMulNBits" else None
+        embedding = quantize_embedding(model, bits=options.bits, block_size=options.block_size,
+                                       symmetric=options.symmetric, shared_head=shared)
+    for stale in (out / GRAPH_FILE, out / DATA_FILE):  # onnx appends to an existing data file
+        stale.unlink(missing_ok=True)
+    onnx.save_model(model, str(out / GRAPH_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    for scratch in out.glob("dynamic.onnx*"):
+        scratch.unlink()
+    counts = {p: sum(v == p for v in precision.values()) for p in ("int8", "int4", "fp32")}
+    return {"matmuls": {p: c for p, c in counts.items() if c}, "fp32_matmuls": with_data, "embedding": embedding,
+            "lm_head": precision.get(head.name) if head is not None else None}
 
 
 # -- stage: measure the quality cost ------------------------------------------------------------------------------
@@ -137,6 +261,7 @@ def quality_report(fp32_dir: Path, quant_dir: Path, *, text: str, window: int = 
     ids = reference.encode(text) if reference.tokenizer else None
     report = {}
     if ids is not None and len(ids) > window:
+        ids = ids[: EVAL_TOKENS + 1]
         ref_ppl = perplexity(reference, ids, window=window)
         cand_ppl = perplexity(candidate, ids, window=window)
         report["perplexity"] = {"fp32": ref_ppl.ppl, "quantized": cand_ppl.ppl,
@@ -149,8 +274,15 @@ def quality_report(fp32_dir: Path, quant_dir: Path, *, text: str, window: int = 
 
 
 # -- the command --------------------------------------------------------------------------------------------------
-def quantize_model(src, out, options: QuantOptions, *, text: str | None = None, force: bool = False,
-                   overwrite: bool = False, progress=lambda line: None) -> Manifest:
+def calibration_text() -> str:
+    """Text for choosing mixed precision: the training corpus (never the held-out text the gate measures)."""
+    from train.corpus import split
+
+    return "\n\n".join(split()[0])[:400_000]
+
+
+def quantize_model(src, out, options: QuantOptions, *, text: str | None = None, calibration: str | None = None,
+                   force: bool = False, overwrite: bool = False, progress=lambda line: None) -> Manifest:
     """Quantize the fp32 fastllm model directory SRC into OUT, with a quality report and a perplexity gate."""
     src, out = Path(src), Path(out)
     manifest = Manifest.read(src)
@@ -164,14 +296,31 @@ def quantize_model(src, out, options: QuantOptions, *, text: str | None = None, 
         text = held_out_text()
     t0 = time.perf_counter()
     with staging(out, "quantization") as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        progress(f"quantize: {options.precision}, blocks of {options.block_size}, "
-                 f"{'symmetric' if options.symmetric else 'asymmetric'}, accuracy level {options.accuracy_level}, "
-                 f"LM head {'quantized' if options.lm_head else 'fp32'}")
-        kept = quantize_graph(tmp, options)
+        for f in src.iterdir():
+            if f.name not in (GRAPH_FILE, DATA_FILE):
+                shutil.copy2(f, tmp / f.name)
+        progress(f"quantize: {options.precision} {options.method}"
+                 + (f", blocks of {options.block_size}, {'symmetric' if options.symmetric else 'asymmetric'}, "
+                    f"accuracy level {options.accuracy_level}" if options.method == "weight-only" else "")
+                 + f", LM head {'quantized' if options.lm_head else 'fp32'}"
+                 + f", embedding {'quantized' if options.embedding else 'fp32'}")
+        kept, mixed = {}, None
+        if options.mixed:
+            scratch = Path(tmp) / ".mixed"
+            scratch.mkdir()
+            kept, mixed = choose_mixed(src, options, calibration or calibration_text(), scratch, progress)
+            shutil.rmtree(scratch)
+            progress(f"mixed: keeping {len(kept)} of {mixed['candidates']} MatMuls in {options.mixed}")
+        graph = quantize_graph(src, tmp, options, kept=kept)
         optimized = optimize(tmp, target="cpu") if manifest.graph.kind == "fused" else manifest.graph.optimized
-        quantization = {"method": "RTN (onnxruntime MatMulNBitsQuantizer)", "bits": BITS[options.precision],
-                        **{k: v for k, v in asdict(options).items() if k != "precision"}, "fp32_matmuls": kept}
+        algorithm = ("RTN block-wise, MatMulNBits (onnxruntime MatMulNBitsQuantizer)"
+                     if options.method == "weight-only" else
+                     "per-channel int8 weights, activations quantized per call, MatMulInteger (onnxruntime "
+                     "quantize_dynamic)")
+        quantization = {"method": options.method, "bits": options.bits, "algorithm": algorithm,
+                        "options": {k: v for k, v in asdict(options).items() if k != "precision"}, **graph}
+        if mixed:
+            quantization["mixed_precision"] = mixed
         quantized = dataclasses.replace(manifest, precision=options.precision, quantization=quantization,
                                         graph=dataclasses.replace(manifest.graph, optimized=optimized))
         quantized.write(tmp)
@@ -181,17 +330,28 @@ def quantize_model(src, out, options: QuantOptions, *, text: str | None = None, 
         gate = {"max_ppl_increase": options.budget, "forced": force,
                 "passed": ppl is None or ppl["relative_increase"] <= options.budget}
         report["gate"] = gate
+        report["size_bytes"] = {"fp32": directory_size(src), "quantized": directory_size(tmp)}
         progress(describe_report(report))
         if not gate["passed"] and not force:
             raise ExportError(
                 f"quality gate: perplexity rose {ppl['relative_increase']:.2%} ({ppl['fp32']:.3f} -> "
                 f"{ppl['quantized']:.3f}), more than the {options.precision} budget of {options.budget:.2%}; "
-                "nothing was written. Try a smaller --block-size, --keep-lm-head or int8, raise "
+                "nothing was written. Try a smaller --block-size, --mixed int8, --keep-lm-head or int8, raise "
                 "--max-ppl-increase, or pass --force")
         quantized = dataclasses.replace(quantized, quantization={**quantization, "quality": report})
         quantized.write(tmp)
     progress(f"done in {time.perf_counter() - t0:.1f}s: {out}")
     return quantized
+
+
+def choose_mixed(src, options, calibration, scratch, progress):
+    from export.mixed import choose
+
+    return choose(src, options, calibration, scratch, progress)
+
+
+def directory_size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).iterdir() if f.is_file())
 
 
 def describe_report(report: dict) -> str:
@@ -204,4 +364,7 @@ def describe_report(report: dict) -> str:
                  f"(mean agreeing prefix {g['mean_agreeing_prefix']:.1f})")
     parts.append(f"mean KL {lg['mean_kl']:.2e}, mean |Δlogits| {lg['mean_abs_dlogits']:.3f} "
                  f"(max {lg['max_abs_dlogits']:.3f})")
+    if "size_bytes" in report:
+        s = report["size_bytes"]
+        parts.append(f"size {s['fp32'] / 1e6:.1f} -> {s['quantized'] / 1e6:.1f} MB")
     return "quality: " + "; ".join(parts)
