@@ -9,7 +9,8 @@ Graph interface (rows right padded; the KV cache is one buffer per layer and kin
     past_key_values.{i}.key / .value   (batch, kv_heads, capacity, head_dim)   bound to the same buffers as
   -> logits                (batch, logits_to_keep, vocab)     present.{i}.key / .value (no Concat, no copy)
 
-Per layer: one MatMul for q|k|v, GroupQueryAttention (rotary inside it when its kernel supports the rotary width),
+Per layer: one MatMul for q|k|v, read packed by GroupQueryAttention (rotary inside it when its kernel supports the
+rotary width; otherwise q|k|v is split for rotary as plain ops),
 the residual add fused into the next norm (SkipSimplifiedLayerNormalization / SkipLayerNormalization), one
 MatMul for gate|up (SwiGLU) or MatMul + FastGelu (GPT-2).
 """
@@ -52,12 +53,18 @@ class FusedDecoderGraph(nn.Module):
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # folded at export
         bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]) if spec.qkv_bias else None
-        q, k, v = F.linear(x, weight, bias).split([q_size, kv_size, kv_size], dim=-1)
-        if spec.positions == "rope" and not self.inner_rotary:  # rotary as plain ops, before the attention op
+        qkv = F.linear(x, weight, bias)
+        tables = (self.model.cos_table, self.model.sin_table) if self.inner_rotary else (None, None)
+        if spec.positions != "rope" or self.inner_rotary:  # q | k | v go into the attention op packed (no Split)
+            out, present_k, present_v = group_query_attention(
+                qkv, None, None, past_k, past_v, seqlens_k, total, *tables, num_heads=spec.num_heads,
+                kv_heads=spec.num_kv_heads, local_window_size=window or -1)
+            return attn.o_proj(out), present_k, present_v
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        if spec.positions == "rope":  # rotary as plain ops, before the attention op
             q = apply_rotary(q.view(batch, seq, -1, spec.head_dim).transpose(1, 2), cos, sin)
             k = apply_rotary(k.view(batch, seq, -1, spec.head_dim).transpose(1, 2), cos, sin)
             q, k = q.transpose(1, 2).reshape(batch, seq, q_size), k.transpose(1, 2).reshape(batch, seq, kv_size)
-        tables = (self.model.cos_table, self.model.sin_table) if self.inner_rotary else (None, None)
         out, present_k, present_v = group_query_attention(
             q, k, v, past_k, past_v, seqlens_k, total, *tables, num_heads=spec.num_heads,
             kv_heads=spec.num_kv_heads, local_window_size=window or -1)

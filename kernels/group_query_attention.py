@@ -2,6 +2,7 @@
 
 Semantics (ONNX Runtime contrib op, as used here):
     query, key, value (B, S, H * hd), (B, S, KV * hd), (B, S, KV * hd)
+                     or packed: query (B, S, (H + 2 KV) * hd) = q | k | v, key and value omitted
     past_key/value   (B, KV, capacity, hd)       the cache buffer; bound to the same memory as present_key/value
     seqlens_k        (B,) int32                  per row: tokens in the cache after this step, minus one
     total_sequence_length () int32               max over rows of seqlens_k + 1
@@ -31,6 +32,9 @@ from kernels.rotary import apply_rotary
 def gqa_reference(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache=None,
                   sin_cache=None, *, num_heads: int, kv_heads: int, local_window_size: int = -1):
     batch, seq, _ = query.shape
+    if key is None:  # packed q | k | v
+        head_dim = query.shape[-1] // (num_heads + 2 * kv_heads)
+        query, key, value = query.split([num_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     head_dim = query.shape[-1] // num_heads
     q = query.view(batch, seq, num_heads, head_dim).transpose(1, 2)  # (B, H, S, hd)
     k = key.view(batch, seq, kv_heads, head_dim).transpose(1, 2)  # (B, KV, S, hd)
@@ -73,14 +77,20 @@ class GroupQueryAttentionFn(torch.autograd.Function):
     @staticmethod
     def symbolic(g, query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache,
                  sin_cache, num_heads, kv_heads, local_window_size):
-        rotary = cos_cache is not None and not (hasattr(cos_cache, "node") and cos_cache.node().mustBeNone())
+        def absent(x):
+            return x is None or (hasattr(x, "node") and x.node().mustBeNone())
+
+        rotary = not absent(cos_cache)
+        packed = absent(key)
+        if packed:  # q | k | v in `query`: key and value are omitted inputs
+            key = value = g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor())
         inputs = [query, key, value, past_key, past_value, seqlens_k, total_sequence_length]
         if rotary:
             inputs += [cos_cache, sin_cache]
         out, present_key, present_value = g.op(
             "com.microsoft::GroupQueryAttention", *inputs, num_heads_i=num_heads, kv_num_heads_i=kv_heads,
             do_rotary_i=int(rotary), local_window_size_i=local_window_size, outputs=3)
-        out.setType(query.type())
+        out.setType(query.type().with_sizes([None, None, None]) if packed else query.type())
         present_key.setType(past_key.type())
         present_value.setType(past_value.type())
         return out, present_key, present_value
@@ -89,6 +99,7 @@ class GroupQueryAttentionFn(torch.autograd.Function):
 def group_query_attention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
                           cos_cache=None, sin_cache=None, *, num_heads: int, kv_heads: int,
                           local_window_size: int = -1):
-    """Eager: the reference. Traced: one GroupQueryAttention node (rotary inside it when cos/sin are given)."""
+    """Eager: the reference. Traced: one GroupQueryAttention node (rotary inside it when cos/sin are given; q, k
+    and v packed in `query` when key and value are None)."""
     return GroupQueryAttentionFn.apply(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
                                        cos_cache, sin_cache, num_heads, kv_heads, local_window_size)

@@ -27,23 +27,27 @@ def value(name, dtype=F32, shape=None):
     return helper.make_tensor_value_info(name, dtype, shape)
 
 
-@pytest.mark.parametrize("heads, kv_heads, head_dim, rotary_dim, window", [
-    (4, 2, 16, 16, -1),   # GQA, full rotary
-    (4, 4, 32, 16, -1),   # multi-head, partial rotary
-    (6, 2, 16, 0, -1),    # no rotary (learned positions)
-    (4, 1, 16, 16, 5),    # sliding window
+@pytest.mark.parametrize("heads, kv_heads, head_dim, rotary_dim, window, packed", [
+    (4, 2, 16, 16, -1, False),   # GQA, full rotary
+    (4, 2, 16, 16, -1, True),    # the same with q | k | v packed in one input
+    (4, 4, 32, 16, -1, True),    # multi-head, partial rotary
+    (6, 2, 16, 0, -1, False),    # no rotary (learned positions)
+    (6, 2, 16, 0, -1, True),
+    (4, 1, 16, 16, 5, True),     # sliding window
 ])
-def test_group_query_attention_matches_reference(heads, kv_heads, head_dim, rotary_dim, window):
+def test_group_query_attention_matches_reference(heads, kv_heads, head_dim, rotary_dim, window, packed):
     rng = np.random.default_rng(0)
     batch, capacity, max_pos = 3, 24, 64
     lengths = np.array([7, 3, 5])  # right padded to 7
     rotary = rotary_dim > 0
     names = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length"]
     names += ["cos_cache", "sin_cache"] if rotary else []
-    node = helper.make_node("GroupQueryAttention", names, ["output", "present_key", "present_value"],
+    node = helper.make_node("GroupQueryAttention", ["query", "", ""] + names[3:] if packed else names,
+                            ["output", "present_key", "present_value"],
                             domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(rotary),
                             local_window_size=window)
-    inputs = [value(n) for n in names[:5]] + [value("seqlens_k", I32), value("total_sequence_length", I32)]
+    inputs = [value(n) for n in names[:5] if not (packed and n in ("key", "value"))]
+    inputs += [value("seqlens_k", I32), value("total_sequence_length", I32)]
     inputs += [value("cos_cache"), value("sin_cache")] if rotary else []
     sess = session(node, inputs, [value("output"), value("present_key"), value("present_value")])
 
@@ -69,14 +73,17 @@ def test_group_query_attention_matches_reference(heads, kv_heads, head_dim, rota
         k = rng.normal(size=(batch, seq, kv_heads * head_dim)).astype(np.float32)
         v = rng.normal(size=(batch, seq, kv_heads * head_dim)).astype(np.float32)
         total = np.array(seqlens.max() + 1, np.int32)
-        for name, arr in (("query", q), ("key", k), ("value", v), ("seqlens_k", seqlens.astype(np.int32)),
-                          ("total_sequence_length", total)):
+        qkv = np.concatenate([q, k, v], axis=-1)
+        feeds = {"query": qkv} if packed else {"query": q, "key": k, "value": v}
+        for name, arr in {**feeds, "seqlens_k": seqlens.astype(np.int32), "total_sequence_length": total}.items():
             binding.bind_cpu_input(name, arr)
         binding.bind_output("output")  # shape changes between prompt and decode: let ORT allocate it
         sess.run_with_iobinding(binding)
         got = binding.get_outputs()[2].numpy()  # outputs come back in bind order
+        query, key, value_ = ((torch.from_numpy(qkv), None, None) if packed else
+                              (torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v)))
         out, ref_k, ref_v = gqa_reference(
-            torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), ref_k, ref_v, torch.from_numpy(seqlens),
+            query, key, value_, ref_k, ref_v, torch.from_numpy(seqlens),
             int(total), None if cos is None else torch.from_numpy(cos), None if sin is None else torch.from_numpy(sin),
             num_heads=heads, kv_heads=kv_heads, local_window_size=window)
         for b, n in enumerate(seqlens + 1):
