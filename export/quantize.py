@@ -191,10 +191,14 @@ def quantize_graph(src: Path, out: Path, options: QuantOptions, *, kept: dict[st
     else:
         model = weight_only(light, src, {name: BITS[p] for name, p in precision.items() if p != "fp32"}, options)
         load_weights(model, src, [t.name for t in model.graph.initializer])
-    embedding = {"quantized": False}
-    if options.embedding:
-        head_node = lm_head(model)
-        shared = head_node if tied and head_node is not None and head_node.op_type == "MatMulNBits" else None
+    embedding = {"quantized": False, "reason": "--keep-embedding"}
+    head_node = lm_head(model)  # None after dynamic quantization (the head ends in a scaling Mul)
+    head_kind = head_node.op_type if head_node is not None else None
+    if options.embedding and tied and head_kind == "MatMul":
+        # the fp32 LM head keeps the fp32 matrix anyway: the lookup reads it, a quantized copy would only add bytes
+        embedding = {"quantized": False, "reason": "tied to the fp32 LM head"}
+    elif options.embedding:
+        shared = head_node if tied and head_kind == "MatMulNBits" else None
         embedding = quantize_embedding(model, bits=options.bits, block_size=options.block_size,
                                        symmetric=options.symmetric, shared_head=shared)
     for stale in (out / GRAPH_FILE, out / DATA_FILE):  # onnx appends to an existing data file

@@ -90,7 +90,8 @@ def run_info(args) -> int:
         f"shape:        {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads / {m.num_kv_heads} kv heads,"
         f" head dim {m.head_dim}, vocab {m.vocab_size}",
         f"context:      {m.max_context} tokens" + (f", rope {m.rope}" if m.rope else ", learned positions"),
-        f"precision:    {m.precision}" + (f", quantization {m.quantization}" if m.quantization else ""),
+        f"precision:    {m.precision}",
+        *quantization_lines(m.quantization or {}),
         f"graph:        {m.graph.kind}, {m.graph.file}, KV {m.graph.kv_layout}",
         f"tokens:       eos {list(m.eos_token_ids)}, bos {m.bos_token_id}, pad {m.pad_token_id}",
         f"tokenizer:    {m.tokenizer or 'none (token ids only)'}",
@@ -98,11 +99,52 @@ def run_info(args) -> int:
     ]
     v = m.verification
     if v:
-        lines.append(f"verified:     max |Δlogits| {v['max_abs_diff']:.2e} (tolerance {v['tolerance']:.2e}) vs "
+        lines.append(f"verified:     {'(its fp32 source) ' if m.quantization else ''}"
+                     f"max |Δlogits| {v['max_abs_diff']:.2e} (tolerance {v['tolerance']:.2e}) vs "
                      f"{v['reference']}, greedy {v['new_tokens']} tokens "
                      f"{'identical' if v['greedy_match'] else 'DIFFER'}")
     print("\n".join(lines))
     return 0
+
+
+def quantization_lines(q: dict) -> list[str]:
+    """What `fastllm quantize` recorded, in a few lines (the manifest holds the full report)."""
+    if not q:
+        return []
+    options = q.get("options", {})
+    detail = (f"blocks of {options['block_size']}, {'symmetric' if options.get('symmetric') else 'asymmetric'}"
+              if q.get("method") == "weight-only" and "block_size" in options else "")
+    lines = [f"quantized:    {q.get('method')}{', ' + detail if detail else ''} ({q.get('algorithm', '')})"]
+    if "matmuls" in q:
+        lines.append("matmuls:      " + ", ".join(f"{n} {p}" for p, n in q["matmuls"].items())
+                     + f"; LM head {q.get('lm_head')}")
+    mixed = q.get("mixed_precision")
+    if mixed:
+        lines.append(f"mixed:        kept {mixed['kept_count']} of {mixed['candidates']} in {mixed['keep']} by "
+                     f"measured sensitivity: {', '.join(mixed['kept'])}")
+    embedding = q.get("embedding")
+    if embedding is not None:
+        lines.append("embedding:    " + (f"int{embedding['bits']}, blocks of {embedding['block_size']}"
+                                         + (", shared with the LM head" if embedding.get("shared_with_lm_head")
+                                            else "") if embedding.get("quantized") else "fp32"))
+    quality = q.get("quality", {})
+    if quality:
+        parts = []
+        if "perplexity" in quality:
+            p = quality["perplexity"]
+            parts.append(f"perplexity {p['fp32']:.3f} -> {p['quantized']:.3f} ({p['relative_increase']:+.2%})")
+        g = quality.get("greedy")
+        if g:
+            parts.append(f"greedy {g['identical']}/{g['prompts']} identical, mean agreeing prefix "
+                         f"{g['mean_agreeing_prefix']:.1f} of {g['new_tokens']}")
+        if "logits" in quality:
+            parts.append(f"mean KL {quality['logits']['mean_kl']:.2e}")
+        gate = quality.get("gate", {})
+        if gate:
+            parts.append(f"gate {'passed' if gate.get('passed') else 'FAILED'} "
+                         f"(budget {gate['max_ppl_increase']:.2%}{', forced' if gate.get('forced') else ''})")
+        lines.append("quality:      " + "; ".join(parts))
+    return lines
 
 
 def add_plugins(subparsers) -> None:

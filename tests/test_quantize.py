@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 import fastllm
 from export.quantize import QuantOptions, lm_head, quantize_model
 from export.quantized_embedding import quantize_embedding
+from fastllm.cli import main
 from train.corpus import held_out_text
 
 TEXT = held_out_text()[:60_000]  # ~17k tokens: enough for a stable perplexity, quick
@@ -70,6 +71,15 @@ def test_quantized_graph_and_manifest(quantized, bundled_dir):
     assert c.completion_tokens == 8 and c.text
 
 
+def test_info_summarises_the_quantization(quantized, capsys):
+    config, manifest, out = quantized
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"quantized:    {CONFIGS[config].method}" in text
+    assert f"matmuls:      {4 * manifest.num_layers + 1} {CONFIGS[config].precision}; LM head" in text
+    assert "embedding:    int" in text and "gate passed" in text and "(its fp32 source)" in text
+
+
 def test_mixed_precision_keeps_the_most_sensitive_matmuls(bundled_dir, tmp_path):
     budget = 0.01  # all-int4 costs +2.5%: some MatMuls must stay in int8
     manifest = quantize_model(bundled_dir, tmp_path / "mixed", QuantOptions("int4", mixed="int8",
@@ -87,6 +97,18 @@ def test_mixed_precision_keeps_the_most_sensitive_matmuls(bundled_dir, tmp_path)
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"]
     assert sorted(bits) == [4] * (mixed["candidates"] - k) + [8] * k
     assert report["gate"]["passed"] and report["perplexity"]["relative_increase"] <= budget
+
+
+def test_a_tied_embedding_stays_with_an_fp32_lm_head(bundled_dir, tmp_path):
+    """With the LM head kept fp32 the lookup keeps reading that matrix: a quantized copy would only add bytes."""
+    manifest = quantize_model(bundled_dir, tmp_path / "head", QuantOptions("int4", lm_head=False), text=TEXT)
+    q = manifest.quantization
+    assert q["lm_head"] == "fp32" and q["embedding"] == {"quantized": False, "reason": "tied to the fp32 LM head"}
+    graph = onnx.load(str(tmp_path / "head" / "model.onnx"), load_external_data=False).graph
+    assert not any(n.op_type == "GatherBlockQuantized" for n in graph.node)
+    matrices = [t.name for t in graph.initializer if sorted(t.dims) == sorted([manifest.vocab_size,
+                                                                                 manifest.hidden_size])]
+    assert len(matrices) == 1  # stored once, read by the lookup and the head
 
 
 @pytest.mark.parametrize("bits", [4, 8])
