@@ -14,7 +14,7 @@ import fastllm
 from export.quantize import QuantOptions, lm_head, quantize_model
 from export.quantized_embedding import quantize_embedding
 from fastllm.cli import main
-from train.corpus import held_out_text
+from train.corpus import held_out_text, split
 
 TEXT = held_out_text()[:60_000]  # ~17k tokens: enough for a stable perplexity, quick
 # Stated tolerances against the fp32 model (measured on this text: int8 +0.06% perplexity, mean KL 8e-4; dynamic
@@ -180,3 +180,28 @@ def test_only_fp32_models_are_quantized(quantized, tmp_path):
 def test_bad_options(kw, message):
     with pytest.raises(fastllm.ExportError, match=message):
         QuantOptions(**kw)
+
+
+def test_cli_exports_straight_to_mixed_int4(tmp_path, capsys):
+    """`fastllm export SRC OUT --precision int4 --mixed int8`: fp32 export, sensitivity, selection, quantization,
+    report and gate in one command; only OUT is left behind."""
+    from train.bundled import BUNDLED
+
+    text, calibration = tmp_path / "held_out.txt", tmp_path / "calibration.txt"
+    text.write_text(TEXT[:30_000])
+    calibration.write_text("\n\n".join(split()[0])[:40_000])  # training text: all-int4 costs it ~5%
+    out = tmp_path / "out"
+    assert main(["export", str(BUNDLED), str(out), "--precision", "int4", "--mixed", "int8", "--max-ppl-increase",
+                 "0.03", "--text", str(text), "--calibration-text", str(calibration)]) == 0
+    printed = capsys.readouterr()
+    assert "mixed: keeping" in printed.err and f"{out}: LlamaForCausalLM, fused graph, int4" in printed.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.txt", "held_out.txt", "out"]
+    mixed = fastllm.load(out).manifest.quantization["mixed_precision"]
+    assert mixed["budget"] == 0.03 and mixed["kept_count"] > 0 and mixed["met_on_calibration"]
+
+
+def test_cli_refuses_options_that_do_not_go_together(bundled_dir, tmp_path, capsys):
+    assert main(["quantize", str(bundled_dir), str(tmp_path / "q"), "--precision", "int4", "--method", "dynamic"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastllm: error: method 'dynamic' is not available for int4") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
