@@ -79,3 +79,27 @@ def test_prompt_is_not_recomputed(exported, monkeypatch, graph):
     c = engine.generate(["abc", "a longer prompt"], fastllm.SamplingParams(max_new_tokens=5, ignore_eos=True))
     width = max(x.prompt_tokens for x in c)
     assert seen == [(2, width)] + [(2, 1)] * 4
+
+
+def test_chunked_prefill_matches_transformers(engines, hf_models, tokenizer, variant, monkeypatch):
+    """A single prompt longer than the prefill chunk is prefilled in steps (fused graph): the same greedy tokens as
+    transformers; a batch still goes in one step."""
+    arch, graph = variant
+    steps = []
+    original = fastllm.kv_cache.SharedKVCache.prefill_steps
+
+    def recorded(self, prompts, pad, chunk):
+        steps.append(len(result := original(self, prompts, pad, chunk)))
+        return result
+
+    monkeypatch.setattr(fastllm.kv_cache.SharedKVCache, "prefill_steps", recorded)
+    monkeypatch.setattr(fastllm.engine, "PREFILL_CHUNK", 4)
+    params = fastllm.SamplingParams(max_new_tokens=NEW)
+    for prompt in PROMPTS:
+        ours = engines[variant].generate(prompt, params)
+        assert list(ours.token_ids) == hf_greedy(hf_models[arch], tokenizer, [prompt])[0], prompt
+    batch = engines[variant].generate(PROMPTS, params)
+    assert [list(c.token_ids) for c in batch] == hf_greedy(hf_models[arch], tokenizer, PROMPTS)
+    if graph == "fused":
+        widths = [len(tokenizer.encode(p).ids) for p in PROMPTS]
+        assert steps == [-(-w // 4) for w in widths] + [1]
