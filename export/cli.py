@@ -123,8 +123,9 @@ def describe_quality(manifest) -> str:
 def register_quantize(subparsers) -> None:
     p = subparsers.add_parser("quantize", help="quantize an exported fp32 model to int8 / int4, with a quality gate",
                               description="Quantization (weight-only, or dynamic int8; optionally mixed "
-                                          "precision) of the fp32 model directory SRC into OUT. Measures perplexity, greedy agreement, |Δlogits| and KL against SRC, "
-                                          "stores the report in the manifest, and refuses (writing nothing) when "
+                                          "precision) of the fp32 model directory SRC into OUT. Measures "
+                                          "perplexity, greedy agreement, |Δlogits| and KL against SRC, stores the "
+                                          "report in the manifest, and refuses (writing nothing) when "
                                           "perplexity rises more than the budget, unless --force.")
     p.add_argument("src", help="fastllm model directory, fp32")
     p.add_argument("out")
