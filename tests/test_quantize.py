@@ -205,3 +205,23 @@ def test_cli_refuses_options_that_do_not_go_together(bundled_dir, tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("fastllm: error: method 'dynamic' is not available for int4") and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("config", ["int4", "int8-dynamic"])
+def test_every_architecture_and_graph_quantizes(exported, variant, config, tmp_path):
+    """Both methods on every tiny architecture and graph kind: every weight MatMul rewritten, the embedding lookup
+    quantized (shared with a tied LM head under weight-only), and the result loads and generates (random weights:
+    the quality figures are only checked for being measured)."""
+    _, src = exported[variant]
+    options = CONFIGS[config]
+    manifest = quantize_model(src, tmp_path / "q", options, text=TEXT[:10_000], force=True)
+    q = manifest.quantization
+    graph = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False).graph
+    assert not any(n.op_type == "MatMul" and n.input[1] in {t.name for t in graph.initializer} for n in graph.node)
+    assert sum(q["matmuls"].values()) == q["matmuls"]["int8" if config == "int8-dynamic" else "int4"]
+    assert sum(n.op_type == "GatherBlockQuantized" for n in graph.node) == 1 and q["embedding"]["quantized"]
+    report = q["quality"]
+    assert np.isfinite(report["logits"]["mean_kl"]) and report["greedy"]["prompts"] == 8
+    c = fastllm.load(tmp_path / "q").generate("def main():", fastllm.SamplingParams(max_new_tokens=6,
+                                                                                       ignore_eos=True))
+    assert c.completion_tokens == 6
