@@ -53,3 +53,15 @@ def test_generate_without_a_model_directory_uses_the_bundled_model(bundled_dir):
     assert out.returncode == 0, out.stderr
     expected = fastllm.load(bundled_dir).generate("A decorator is", fastllm.SamplingParams(max_new_tokens=8))
     assert out.stdout.strip() == expected.text.strip() and "exporting" not in out.stderr  # reused from the cache
+
+
+def test_exports_by_an_older_exporter_are_replaced(bundled_dir):
+    """The cache key covers the weights and the exporter's code; stale exports are removed, the current one kept."""
+    from train.bundled import default_model, fingerprint
+
+    assert bundled_dir.name == f"pydoc-llama-{fingerprint(BUNDLED)}"
+    stale = bundled_dir.parent / "pydoc-llama-000000000000"
+    stale.mkdir()
+    (stale / "fastllm.json").write_text("{}")
+    assert default_model(progress=lambda line: None) == bundled_dir
+    assert not stale.exists() and (bundled_dir / "fastllm.json").is_file()

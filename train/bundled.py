@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,9 +20,16 @@ def cache_root() -> Path:
 
 
 def fingerprint(directory: Path) -> str:
+    """Of the weights and of the code that exports them: a changed exporter (a new graph) exports afresh."""
+    import importlib.util
+
     h = hashlib.sha256()
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         h.update((directory / name).read_bytes())
+    for package in ("export", "kernels"):
+        for location in importlib.util.find_spec(package).submodule_search_locations:
+            for source in sorted(Path(location).rglob("*.py")):
+                h.update(source.read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -37,4 +45,7 @@ def default_model(progress=lambda line: print(line, file=sys.stderr)) -> Path:
 
         progress(f"[fastllm] first use: exporting the bundled model to {out}")
         export_model(BUNDLED, out, overwrite=True, progress=lambda line: progress(f"[export] {line}"))
+    for stale in out.parent.glob("pydoc-llama-*"):  # exports of older weights or by an older exporter
+        if stale != out and (stale / "fastllm.json").is_file():
+            shutil.rmtree(stale, ignore_errors=True)
     return out
