@@ -38,6 +38,9 @@ def register(subparsers) -> None:
                         "skipped with a note)")
     p.add_argument("--graphs", default="fused,portable",
                    help="fastllm graph kinds to export and time for each shape (comma-separated)")
+    p.add_argument("--precisions", default="fp32",
+                   help="fastllm precisions built and timed per graph kind (comma-separated): fp32, int8, "
+                        "int8-dynamic, int4 (quantized from the fp32 export with `fastllm quantize`)")
     p.add_argument("--prompt-lengths", default=",".join(map(str, d.prompt_lengths)),
                    help="comma-separated; lengths that do not fit the context with the new tokens are left out")
     p.add_argument("--new-tokens", type=int, default=d.new_tokens)
@@ -65,7 +68,8 @@ def run(args) -> int:
     options = runner.BenchOptions(
         shapes=tuple(args.shape), workload=workload, engines=tuple(e.strip() for e in args.engines.split(",") if e),
         model_dirs=tuple(args.model_dir), graphs=tuple(g.strip() for g in args.graphs.split(",") if g.strip()),
-        work_dir=args.work_dir, timeout_s=args.timeout)
+        precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()), work_dir=args.work_dir,
+        timeout_s=args.timeout)
     out = Path(args.out or Path(args.work_dir) / datetime.now().strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
 

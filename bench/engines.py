@@ -63,7 +63,9 @@ def fastllm_spec(model_dir: str | Path) -> EngineSpec:
     from fastllm.manifest import Manifest
 
     m = Manifest.read(model_dir)
-    return EngineSpec("fastllm", "fastllm", f"fastllm {m.graph.kind} {m.precision}", m.precision, str(model_dir))
+    method = " dynamic" if (m.quantization or {}).get("method") == "dynamic" else ""
+    return EngineSpec("fastllm", "fastllm", f"fastllm {m.graph.kind} {m.precision}{method}", m.precision,
+                      str(model_dir))
 
 
 def _installed(module: str) -> bool:

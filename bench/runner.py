@@ -32,6 +32,7 @@ class BenchOptions:
     engines: tuple[str, ...] = ENGINE_NAMES
     model_dirs: tuple[str, ...] = ()  # extra fastllm model directories, each timed with the shape it matches
     graphs: tuple[str, ...] = ("fused", "portable")  # graph kinds exported and timed for each shape
+    precisions: tuple[str, ...] = ("fp32",)  # per graph kind: fp32 and/or quantized (bench.shapes.PRECISIONS)
     work_dir: str = "runs/bench"  # models are cached under <work_dir>/models/<shape>
     timeout_s: float | None = None  # per worker process
 
@@ -43,6 +44,9 @@ class BenchOptions:
             raise BenchError(f"no shape given; pass --shape with one of {sorted(shape_registry.SHAPES)}")
         for name in self.shapes:
             shape_registry.get(name)
+        if not self.precisions or any(p not in shape_registry.PRECISIONS for p in self.precisions):
+            raise BenchError(f"precisions must be a non-empty comma-separated list of "
+                             f"{list(shape_registry.PRECISIONS)}, got {list(self.precisions)!r}")
         unknown = [e for e in self.engines if e not in ENGINE_NAMES]
         if unknown or not self.engines:
             raise BenchError(f"engines must be a non-empty comma-separated list of {ENGINE_NAMES}, got "
@@ -94,8 +98,8 @@ def _run_shape(name: str, extra_dirs: list[Path], options: BenchOptions, notes: 
 
     workload = options.workload
     shape = shape_registry.get(name)
-    built = shape_registry.build(shape, options.work_dir, graphs=options.graphs, threads=workload.threads,
-                                 progress=progress)
+    built = shape_registry.build(shape, options.work_dir, graphs=options.graphs, precisions=options.precisions,
+                                 threads=workload.threads, progress=progress)
     fastllm_dirs = [*built.fastllm_dirs, *extra_dirs]
     context = min([shape.max_context] + [Manifest.read(d).max_context for d in fastllm_dirs])
     cases, dropped = workload.cases(context)

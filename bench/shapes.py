@@ -2,9 +2,14 @@
 weight values, only on the shape. Each is written once as a Hugging Face directory (what eager PyTorch loads) and
 exported from that directory to a fastllm model directory, both cached under the work directory:
 
-    <work>/models/<shape>/hf/         config.json, model.safetensors   (fp32)
-    <work>/models/<shape>/fastllm/    model.onnx, model.onnx.data, fastllm.json
-    <work>/models/<shape>/shape.json  what was built (re-used only while it matches the registry below)
+    <work>/models/<shape>/hf/                        config.json, model.safetensors   (fp32)
+    <work>/models/<shape>/fastllm-<graph>/           model.onnx, model.onnx.data, fastllm.json
+    <work>/models/<shape>/fastllm-<graph>-<precision>/   quantized from the fp32 export (int8, int8-dynamic, int4)
+    <work>/models/<shape>/shape.json                 what was built (re-used only while it matches the registry)
+
+A cached export is re-used only while the exporter's code is unchanged (its fingerprint is stamped beside it).
+Quantized models of random weights get a quality report on a short text, forced through the gate: it means
+nothing for them, their timing is what counts.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from bench.errors import BenchError
 
 Progress = Callable[[str], None]
 SEED = 0  # weights are random but the same on every run
+PRECISIONS = {"fp32": None, "int8": ("int8", "weight-only"), "int8-dynamic": ("int8", "dynamic"),
+              "int4": ("int4", "weight-only")}  # --precisions -> (precision, method) of `fastllm quantize`
+STAMP = ".exporter"  # in each built model directory: the exporter fingerprint it was built with
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,7 @@ def get(name: str) -> Shape:
 class BuiltShape:
     shape: Shape
     hf_dir: Path  # Hugging Face directory, fp32 safetensors
-    fastllm_dirs: tuple[Path, ...]  # fastllm model directories exported from hf_dir, one per graph kind
+    fastllm_dirs: tuple[Path, ...]  # fastllm model directories built from hf_dir, per graph kind and precision
     parameters: int
 
 
@@ -83,9 +91,16 @@ def _record(shape: Shape) -> dict:
     return {"shape": asdict(shape), "seed": SEED}
 
 
-def build(shape: Shape, work_dir: str | Path, *, graphs: tuple[str, ...] = ("fused",), threads: int | None = None,
-          progress: Progress = print) -> BuiltShape:
-    """Build (or re-use) the Hugging Face directory and its fastllm export, one per graph kind, for `shape`."""
+def build(shape: Shape, work_dir: str | Path, *, graphs: tuple[str, ...] = ("fused",),
+          precisions: tuple[str, ...] = ("fp32",), threads: int | None = None, progress: Progress = print
+          ) -> BuiltShape:
+    """Build (or re-use) the Hugging Face directory and its fastllm models, per graph kind and precision."""
+    from export import exporter_fingerprint
+
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        raise BenchError(f"precisions must be a non-empty comma-separated list of {list(PRECISIONS)}, got "
+                         f"{list(precisions)!r}")
     root = Path(work_dir) / "models" / shape.name
     hf_dir, record_path = root / "hf", root / "shape.json"
     record = _record(shape)
@@ -99,22 +114,38 @@ def build(shape: Shape, work_dir: str | Path, *, graphs: tuple[str, ...] = ("fus
         cached = json.loads(record_path.read_text())
     if not (hf_dir / "tokenizer.json").is_file():
         _write_tokenizer(hf_dir)
+    fingerprint = exporter_fingerprint()
     dirs = []
     for graph in graphs:
-        fastllm_dir = root / f"fastllm-{graph}"
-        dirs.append(fastllm_dir)
-        if _usable_export(fastllm_dir):
-            continue
-        from transformers.utils import logging as hf_logging
+        fp32_dir = root / f"fastllm-{graph}"
+        if not _usable_export(fp32_dir, fingerprint):
+            from transformers.utils import logging as hf_logging
 
-        from export import export_model
+            from export import export_model
 
-        hf_logging.disable_progress_bar()
-        progress(f"{shape.name}: exporting the {graph} graph to {fastllm_dir} (max context {shape.max_context}, "
-                 "verified against PyTorch)")
-        export_model(hf_dir, fastllm_dir, graph=graph, max_context=shape.max_context, overwrite=True,
-                     threads=threads, progress=lambda line: progress(f"{shape.name}: export: {line}"))
+            hf_logging.disable_progress_bar()
+            progress(f"{shape.name}: exporting the {graph} graph to {fp32_dir} (max context {shape.max_context}, "
+                     "verified against PyTorch)")
+            export_model(hf_dir, fp32_dir, graph=graph, max_context=shape.max_context, overwrite=True,
+                         threads=threads, progress=lambda line: progress(f"{shape.name}: export: {line}"))
+            (fp32_dir / STAMP).write_text(fingerprint)
+        for precision in precisions:
+            built = fp32_dir if precision == "fp32" else root / f"fastllm-{graph}-{precision}"
+            if not _usable_export(built, fingerprint):
+                _quantize(shape, fp32_dir, built, precision, progress)
+                (built / STAMP).write_text(fingerprint)
+            dirs.append(built)
     return BuiltShape(shape, hf_dir, tuple(dirs), int(cached["parameters"]))
+
+
+def _quantize(shape: Shape, src: Path, out: Path, precision: str, progress: Progress) -> None:
+    from export.quantize import QuantOptions, quantize_model
+    from train.corpus import held_out_text
+
+    bits, method = PRECISIONS[precision]
+    progress(f"{shape.name}: quantizing {src.name} to {precision} -> {out}")
+    quantize_model(src, out, QuantOptions(bits, method=method), text=held_out_text()[:4000], force=True,
+                   overwrite=True, progress=lambda line: progress(f"{shape.name}: quantize: {line}"))
 
 
 def _write_hf(shape: Shape, hf_dir: Path) -> int:
@@ -139,15 +170,15 @@ def _write_tokenizer(hf_dir: Path) -> None:
                                pad_token=SPECIAL[1], unk_token=None).save_pretrained(hf_dir)
 
 
-def _usable_export(directory: Path) -> bool:
-    """A cached export is re-used only if this fastllm can read its manifest (a format change means re-export)."""
+def _usable_export(directory: Path, fingerprint: str) -> bool:
+    """A cached model is re-used only if this fastllm reads its manifest and this exporter built it."""
     from fastllm.errors import FastLLMError
     from fastllm.manifest import Manifest
 
-    if not (directory / "fastllm.json").is_file():
+    if not (directory / "fastllm.json").is_file() or not (directory / STAMP).is_file():
         return False
     try:
         Manifest.read(directory)
     except FastLLMError:
         return False
-    return True
+    return (directory / STAMP).read_text() == fingerprint

@@ -18,11 +18,13 @@ NEW_TOKENS = 4
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    """One `fastllm bench` run through the CLI: tiny shape, prompt lengths 8 and 300 (300 does not fit), batch 2."""
+    """One `fastllm bench` run through the CLI: tiny shape, fp32 and int4, prompt lengths 8 and 300 (300 does not
+    fit), batch 2."""
     root = tmp_path_factory.mktemp("bench")
     out = root / "out"
     code = main(["bench", "--shape", "tiny", "--engines", "torch-fp32,fastllm,genai", "--prompt-lengths", "8,300",
                  "--new-tokens", str(NEW_TOKENS), "--batch-sizes", "2", "--threads", "1", "--runs", "1",
+                 "--precisions", "fp32,int4",
                  "--work-dir", str(root / "work"), "--out", str(out)])
     assert code == 0
     return root, out, json.loads((out / "results.json").read_text())
@@ -40,9 +42,10 @@ def test_results_json_structure(bench_run):
     assert shape["prompt_lengths_dropped"] == [300]
     assert any("300" in note for note in results["notes"])
     labels = [e["label"] for e in shape["engines"]]
-    assert labels[:3] == ["torch eager fp32", "fastllm fused fp32", "fastllm portable fp32"]
+    assert labels[:5] == ["torch eager fp32", "fastllm fused fp32", "fastllm fused int4", "fastllm portable fp32",
+                          "fastllm portable int4"]
     ran = [e["label"] for e in shape["engines"] if e["skipped"] is None]  # the genai peer runs only when installed
-    assert [r["label"] for r in shape["results"]] == ran and ran[:3] == labels[:3]
+    assert [r["label"] for r in shape["results"]] == ran and ran[:5] == labels[:5]
 
 
 def test_numbers_are_positive_and_raw_runs_kept(bench_run):
@@ -61,21 +64,23 @@ def test_numbers_are_positive_and_raw_runs_kept(bench_run):
             assert 0 < stat["min"] <= stat["median"] <= stat["max"], metric
         assert run["tpot_p50_s"] <= run["tpot_p90_s"]
         assert len(row["tokens"]) == NEW_TOKENS
-    for engine in results["shapes"][0]["engines"][:3]:
-        assert engine["model_size_bytes"] > 0
+    sizes = {e["label"]: e["model_size_bytes"] for e in results["shapes"][0]["engines"][:5]}
+    assert all(size > 0 for size in sizes.values())
+    assert sizes["fastllm fused int4"] < sizes["fastllm fused fp32"]
 
 
 def test_each_engine_ran_in_its_own_process_with_the_same_weights(bench_run):
     _, _, results = bench_run
     torch_row, *fastllm_rows = [r for r in results["shapes"][0]["results"] if r["engine"] in ("torch-fp32", "fastllm")]
     assert torch_row["details"]["torch_threads"] == 1 and torch_row["details"]["attn_implementation"]
-    assert torch_row["torch_imported"] and len(fastllm_rows) == 2
+    assert torch_row["torch_imported"] and len(fastllm_rows) == 4
     for fastllm_row in fastllm_rows:
         assert not fastllm_row["torch_imported"]
         assert fastllm_row["peak_rss_bytes"] < torch_row["peak_rss_bytes"]  # no memory inherited from the parent
-        assert fastllm_row["tokens"] == torch_row["tokens"]  # same weights, same prompt ids, greedy fp32
         details = fastllm_row["details"]
         assert fastllm_row["label"] == f"fastllm {details['graph']} {details['precision']}"
+        if details["precision"] == "fp32":
+            assert fastllm_row["tokens"] == torch_row["tokens"]  # same weights, same prompt ids, greedy fp32
 
 
 def test_markdown_has_ratios_against_eager_fp32(bench_run):
@@ -94,11 +99,15 @@ def test_plot_is_written_when_matplotlib_is_installed(bench_run):
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_built_models_are_reused(bench_run):
+def test_built_models_are_reused_until_the_exporter_changes(bench_run):
     root, _, _ = bench_run
     lines: list[str] = []
-    built = shapes.build(shapes.get("tiny"), root / "work", progress=lines.append)
-    assert lines == [] and (built.fastllm_dirs[0] / "fastllm.json").is_file()
+    built = shapes.build(shapes.get("tiny"), root / "work", precisions=("fp32", "int4"), progress=lines.append)
+    assert lines == [] and [d.name for d in built.fastllm_dirs] == ["fastllm-fused", "fastllm-fused-int4"]
+    (built.fastllm_dirs[1] / shapes.STAMP).write_text("an older exporter")
+    shapes.build(shapes.get("tiny"), root / "work", precisions=("fp32", "int4"), progress=lines.append)
+    assert any("quantizing fastllm-fused to int4" in line for line in lines)
+    assert not any("exporting" in line for line in lines)  # the fp32 export was still current
 
 
 def test_prompt_ids_are_seeded_and_in_vocabulary():
@@ -120,6 +129,8 @@ def test_options_reject_unknown_shape_and_engine():
         BenchOptions(shapes=("gpt5",))
     with pytest.raises(FastLLMError, match="engines"):
         BenchOptions(shapes=("tiny",), engines=("tensorrt",))
+    with pytest.raises(FastLLMError, match="precisions must be .* 'int8-dynamic'"):
+        BenchOptions(shapes=("tiny",), precisions=("int3",))
 
 
 def test_cli_error_is_one_line(capsys):

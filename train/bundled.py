@@ -21,15 +21,11 @@ def cache_root() -> Path:
 
 def fingerprint(directory: Path) -> str:
     """Of the weights and of the code that exports them: a changed exporter (a new graph) exports afresh."""
-    import importlib.util
+    from export import exporter_fingerprint
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(exporter_fingerprint().encode())
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         h.update((directory / name).read_bytes())
-    for package in ("export", "kernels"):
-        for location in importlib.util.find_spec(package).submodule_search_locations:
-            for source in sorted(Path(location).rglob("*.py")):
-                h.update(source.read_bytes())
     return h.hexdigest()[:12]
 
 
