@@ -337,11 +337,16 @@ def quantize_model(src, out, options: QuantOptions, *, text: str | None = None, 
         report["size_bytes"] = {"fp32": directory_size(src), "quantized": directory_size(tmp)}
         progress(describe_report(report))
         if not gate["passed"] and not force:
+            chosen = ""
+            if mixed:
+                met = mixed["calibration_ppl_increase"][str(mixed["kept_count"])]
+                chosen = (f" (the {mixed['kept_count']} MatMuls --mixed kept met it on the calibration text, "
+                          f"{met:+.2%}; a lower --max-ppl-increase makes it keep more)")
             raise ExportError(
                 f"quality gate: perplexity rose {ppl['relative_increase']:.2%} ({ppl['fp32']:.3f} -> "
-                f"{ppl['quantized']:.3f}), more than the {options.precision} budget of {options.budget:.2%}; "
-                "nothing was written. Try a smaller --block-size, --mixed int8, --keep-lm-head or int8, raise "
-                "--max-ppl-increase, or pass --force")
+                f"{ppl['quantized']:.3f}), more than the {options.precision} budget of {options.budget:.2%}"
+                f"{chosen}; nothing was written. Try a smaller --block-size, --mixed int8, --keep-lm-head or int8, "
+                "raise --max-ppl-increase, or pass --force")
         quantized = dataclasses.replace(quantized, quantization={**quantization, "quality": report})
         quantized.write(tmp)
     progress(f"done in {time.perf_counter() - t0:.1f}s: {out}")
