@@ -58,6 +58,11 @@ def block_quantize(weight_kn: np.ndarray, bits: int, block_size: int, symmetric:
     return packed, scales.reshape(n, -1), (None if symmetric else zero_points)
 
 
+def unpack_nibbles(packed: np.ndarray, blocks: int) -> np.ndarray:
+    """MatMulNBits' int4 zero points, two per byte (low nibble first), (N, ceil(blocks / 2)) -> (N, blocks)."""
+    return np.stack([packed & 0x0F, packed >> 4], -1).reshape(len(packed), -1)[:, :blocks]
+
+
 def quantize_embedding(model: onnx.ModelProto, *, bits: int, block_size: int, symmetric: bool,
                        shared_head: onnx.NodeProto | None = None) -> dict:
     """Replace the embedding lookup of `model` (weights loaded) in place; returns what was done, for the manifest.
@@ -80,7 +85,7 @@ def quantize_embedding(model: onnx.ModelProto, *, bits: int, block_size: int, sy
         zero_points = None
         if len(shared_head.input) > 3 and shared_head.input[3]:
             zp = numpy_helper.to_array(inits[shared_head.input[3]]).reshape(n, -1)
-            zero_points = zp if bits == 8 else np.stack([zp & 0x0F, zp >> 4], -1).reshape(n, -1)[:, :blocks]
+            zero_points = zp if bits == 8 else unpack_nibbles(zp, blocks)
         new_inits = []
     else:
         weight = numpy_helper.to_array(inits[found.weight])
@@ -89,8 +94,7 @@ def quantize_embedding(model: onnx.ModelProto, *, bits: int, block_size: int, sy
         blocks = -(-k // block_size)
         packed, scales, zero_points = block_quantize(weight_kn, bits, block_size, symmetric)
         if zero_points is not None and bits == 4:
-            zp = zero_points.reshape(n, -1)
-            zero_points = np.stack([zp & 0x0F, zp >> 4], -1).reshape(n, -1)[:, :blocks]
+            zero_points = unpack_nibbles(zero_points.reshape(n, -1), blocks)
         data_name = name + f"_q{bits}"
         new_inits = [numpy_helper.from_array(packed, data_name)]
     new_inits.append(numpy_helper.from_array(np.ascontiguousarray(scales.reshape(n, blocks, 1)), name + "_scales"))
