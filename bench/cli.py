@@ -6,7 +6,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from bench.errors import BenchError
+from fastllm.bench.errors import BenchError
 
 EXAMPLE = "fastllm bench --shape smollm2-135m --shape gpt2 --prompt-lengths 32,128 --new-tokens 64 --runs 3"
 
@@ -21,9 +21,9 @@ def _ints(name: str):
 
 
 def register(subparsers) -> None:
-    from bench.engines import ENGINE_NAMES
-    from bench.shapes import SHAPES
-    from bench.workload import Workload
+    from fastllm.bench.engines import ENGINE_NAMES
+    from fastllm.bench.shapes import SHAPES
+    from fastllm.bench.workload import Workload
 
     d = Workload()
     p = subparsers.add_parser(
@@ -57,8 +57,8 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     try:
-        from bench import plot, report, runner
-        from bench.workload import Workload
+        from fastllm.bench import plot, report, runner
+        from fastllm.bench.workload import Workload
     except ImportError as e:
         raise BenchError(f"`fastllm bench` needs the export and bench extras ({e.name} is missing): "
                          "pip install torch==2.13.0 'fastllm[export,bench]'") from None

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import shapes as shape_registry
-from bench.engines import ENGINE_NAMES, REFERENCE, EngineSpec, prepare, resolve, size_on_disk
-from bench.errors import BenchError
-from bench.machine import machine, versions
-from bench.workers import run_worker
-from bench.workload import Workload
+from fastllm.bench import shapes as shape_registry
+from fastllm.bench.engines import ENGINE_NAMES, REFERENCE, EngineSpec, prepare, resolve, size_on_disk
+from fastllm.bench.errors import BenchError
+from fastllm.bench.machine import machine, versions
+from fastllm.bench.workers import run_worker
+from fastllm.bench.workload import Workload
 
 RESULTS_FORMAT = "fastllm-bench/1"
 Progress = Callable[[str], None]

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.errors import BenchError
+from fastllm.bench.errors import BenchError
 
 Progress = Callable[[str], None]
 SEED = 0  # weights are random but the same on every run
@@ -95,7 +95,7 @@ def build(shape: Shape, work_dir: str | Path, *, graphs: tuple[str, ...] = ("fus
           precisions: tuple[str, ...] = ("fp32",), threads: int | None = None, progress: Progress = print
           ) -> BuiltShape:
     """Build (or re-use) the Hugging Face directory and its fastllm models, per graph kind and precision."""
-    from export import exporter_fingerprint
+    from fastllm.export import exporter_fingerprint
 
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
@@ -119,9 +119,8 @@ def build(shape: Shape, work_dir: str | Path, *, graphs: tuple[str, ...] = ("fus
     for graph in graphs:
         fp32_dir = root / f"fastllm-{graph}"
         if not _usable_export(fp32_dir, fingerprint):
+            from fastllm.export import export_model
             from transformers.utils import logging as hf_logging
-
-            from export import export_model
 
             hf_logging.disable_progress_bar()
             progress(f"{shape.name}: exporting the {graph} graph to {fp32_dir} (max context {shape.max_context}, "
@@ -139,8 +138,8 @@ def build(shape: Shape, work_dir: str | Path, *, graphs: tuple[str, ...] = ("fus
 
 
 def _quantize(shape: Shape, src: Path, out: Path, precision: str, progress: Progress) -> None:
-    from export.quantize import QuantOptions, quantize_model
-    from train.corpus import held_out_text
+    from fastllm.export.quantize import QuantOptions, quantize_model
+    from fastllm.train.corpus import held_out_text
 
     bits, method = PRECISIONS[precision]
     progress(f"{shape.name}: quantizing {src.name} to {precision} -> {out}")
@@ -163,8 +162,7 @@ def _write_tokenizer(hf_dir: Path) -> None:
     """Prompts are token ids, so any tokenizer will do for timing; peers' converters (onnxruntime-genai's builder)
     insist on one in the directory. A small one trained locally (export.tiny)."""
     import transformers as tf
-
-    from export.tiny import SPECIAL, train_tokenizer
+    from fastllm.export.tiny import SPECIAL, train_tokenizer
 
     tf.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(), bos_token=SPECIAL[0], eos_token=SPECIAL[0],
                                pad_token=SPECIAL[1], unk_token=None).save_pretrained(hf_dir)

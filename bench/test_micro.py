@@ -13,8 +13,9 @@ import pytest
 
 pytest.importorskip("pytest_benchmark")
 
+from fastllm.bench import shapes
+
 import fastllm
-from bench import shapes
 from fastllm.sampler import SamplingParams, TokenHistory, sample
 
 VOCAB = 50_257  # GPT-2's vocabulary

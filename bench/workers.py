@@ -1,6 +1,6 @@
 """Every engine x case is measured in a fresh process, so peak memory and thread pools never leak between engines:
 
-    python -m bench.workers JOB.json RESULT.json SPAWNED_AT
+    python -m fastllm.bench.workers JOB.json RESULT.json SPAWNED_AT
 
 The parent (`run_worker`) writes the job (engine, prompt ids, new tokens, threads, runs) and notes the wall-clock
 time just before it starts the process; the worker loads the engine, runs the warm-up and the timed runs, and
@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from bench.engines import RUNNERS, EngineSpec
-from bench.metrics import run_metrics, summarise
+from fastllm.bench.engines import RUNNERS, EngineSpec
+from fastllm.bench.metrics import run_metrics, summarise
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +55,7 @@ def run_worker(spec: EngineSpec, ids: np.ndarray, *, new_tokens: int, threads: i
     with tempfile.TemporaryDirectory(prefix="fastllm-bench-") as tmp:
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_path.write_text(json.dumps(job))
-        command = [sys.executable, "-m", "bench.workers", str(job_path), str(result_path), repr(time.time())]
+        command = [sys.executable, "-m", "fastllm.bench.workers", str(job_path), str(result_path), repr(time.time())]
         try:
             done = subprocess.run(command, env=worker_env(threads), capture_output=True, text=True,
                                   timeout=timeout_s, check=False)

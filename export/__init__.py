@@ -15,7 +15,7 @@ def exporter_fingerprint() -> str:
     from pathlib import Path
 
     h = hashlib.sha256()
-    for package in ("export", "kernels"):
+    for package in ("fastllm.export", "fastllm.kernels"):
         for location in importlib.util.find_spec(package).submodule_search_locations:
             for source in sorted(Path(location).rglob("*.py")):
                 h.update(source.read_bytes())
@@ -24,11 +24,11 @@ def exporter_fingerprint() -> str:
 
 def __getattr__(name):
     if name in ("export_model", "export_pretrained"):
-        from export import pipeline
+        from fastllm.export import pipeline
 
         return getattr(pipeline, name)
     if name in ("register", "supported"):
-        from export import registry
+        from fastllm.export import registry
 
         return getattr(registry, name)
     raise AttributeError(f"module 'export' has no attribute {name!r}")

@@ -54,7 +54,7 @@ def add_quant_options(p) -> None:
 
 
 def quant_options(args):
-    from export.quantize import QuantOptions
+    from fastllm.export.quantize import QuantOptions
 
     method = {} if args.method is None else {"method": args.method}
     return QuantOptions(args.precision, **method, block_size=args.block_size, symmetric=not args.asymmetric,
@@ -79,18 +79,19 @@ def _progress(line: str) -> None:
 
 def run(args) -> int:
     try:
-        from export.pipeline import check_destination, export_model
+        from fastllm.export.pipeline import export_model
+        from fastllm.export.staging import check_destination
     except ImportError as e:
         from fastllm.errors import FastLLMError
 
         raise FastLLMError(f"`fastllm export` needs the export extra ({e.name} is missing): "
                            "pip install torch==2.13.0 'fastllm[export]'") from None
     if args.precision in ("int8", "int4"):  # export fp32 beside OUT, then quantize it into OUT
-        from export.quantize import quantize_model
+        from fastllm.export.quantize import quantize_model
 
         options = quant_options(args)  # checked before any work
         out = Path(args.out)
-        check_destination(out, args.overwrite)
+        check_destination(out, args.overwrite, sources=(Path(args.src),))
         out.parent.mkdir(parents=True, exist_ok=True)
         fp32 = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.parent))
         try:
@@ -115,7 +116,7 @@ def run(args) -> int:
 
 
 def describe_quality(manifest) -> str:
-    from export.quantize import describe_report
+    from fastllm.export.quality import describe_report
 
     return describe_report(manifest.quantization["quality"])
 
@@ -136,7 +137,7 @@ def register_quantize(subparsers) -> None:
 
 
 def run_quantize(args) -> int:
-    from export.quantize import quantize_model
+    from fastllm.export.quantize import quantize_model
 
     manifest = quantize_model(args.src, args.out, quant_options(args), text=read_text(args.text),
                               calibration=read_text(args.calibration_text), force=args.force,

@@ -22,10 +22,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+from fastllm.kernels.rotary import apply_rotary
 from torch import nn
 from torch.nn import functional as F
-
-from kernels.rotary import apply_rotary
 
 
 @dataclass(frozen=True)

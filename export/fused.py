@@ -18,14 +18,13 @@ MatMul for gate|up (SwiGLU) or MatMul + FastGelu (GPT-2).
 from __future__ import annotations
 
 import torch
+from fastllm.export.decoder import DecoderLM, DecoderSpec
+from fastllm.kernels.fast_gelu import fast_gelu
+from fastllm.kernels.group_query_attention import group_query_attention
+from fastllm.kernels.rotary import apply_rotary
+from fastllm.kernels.skip_norm import skip_norm
 from torch import nn
 from torch.nn import functional as F
-
-from export.decoder import DecoderLM, DecoderSpec
-from kernels.fast_gelu import fast_gelu
-from kernels.group_query_attention import group_query_attention
-from kernels.rotary import apply_rotary
-from kernels.skip_norm import skip_norm
 
 
 def fused_supported(spec: DecoderSpec) -> str | None:

@@ -12,8 +12,7 @@ import tempfile
 from pathlib import Path
 
 import onnxruntime as ort
-
-from export.trace import DATA_FILE, GRAPH_FILE
+from fastllm.export.trace import DATA_FILE, GRAPH_FILE
 
 LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}

@@ -10,25 +10,24 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 import onnx
 import torch
+from fastllm.export import trace as trace_stage
+from fastllm.export.decoder import DecoderLM
+from fastllm.export.fused import fused_supported
+from fastllm.export.optimize import optimize
+from fastllm.export.precision import PRECISIONS, TOLERANCE, to_fp16
+from fastllm.export.registry import Adapted, adapter_for
+from fastllm.export.staging import check_destination, staging
+from fastllm.export.verify import VerifyReport, verify
 
 import fastllm
-from export import trace as trace_stage
-from export.decoder import DecoderLM
-from export.fused import fused_supported
-from export.optimize import optimize
-from export.precision import PRECISIONS, TOLERANCE, to_fp16
-from export.registry import Adapted, adapter_for
-from export.verify import VerifyReport, verify
-from fastllm.errors import ExportError, FastLLMError, ModelLoadError
+from fastllm.errors import ExportError, ModelLoadError
 from fastllm.manifest import GRAPH_KINDS, GraphInfo, Manifest
 
 Progress = Callable[[str], None]
@@ -162,7 +161,7 @@ def describe(hf_model, adapted: Adapted, graph, kind: str, precision: str, optim
                   if gen is not None and getattr(gen, k, None) is not None}
     rope = None
     if spec.positions == "rope":
-        from export.architectures.rope import rope_parameters
+        from fastllm.export.architectures.rope import rope_parameters
 
         rope = {"rotary_dim": spec.rotary_dim, **rope_parameters(hf_model.config)}
     return Manifest(
@@ -175,42 +174,6 @@ def describe(hf_model, adapted: Adapted, graph, kind: str, precision: str, optim
         eos_token_ids=eos, bos_token_id=bos, pad_token_id=pad, rope=rope, tokenizer=tokenizer_file,
         generation=generation, source={"path": source, "versions": versions()},
     )
-
-
-# -- stage 6: commit ----------------------------------------------------------------------------------------------
-def check_destination(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"OUT {str(out)!r} exists and is not a directory; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"OUT {str(out)!r} exists and is not empty; choose another path or pass --overwrite")
-
-
-def commit(tmp: Path, out: Path) -> None:
-    """Move the finished directory into place, replacing OUT only now that the new one is complete."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def staging(out: Path, what: str):
-    """A temporary directory beside OUT that becomes OUT when the block completes, and vanishes when it fails."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        commit(tmp, out)
-    except FastLLMError:
-        raise
-    except Exception as e:
-        raise ExportError(f"{what} failed: {type(e).__name__}: {e}") from e
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- the pipeline -------------------------------------------------------------------------------------------------
@@ -258,7 +221,7 @@ def export_model(src, out, *, graph: str | None = None, precision: str = "fp32",
                  overwrite: bool = False, threads: int | None = None, progress: Progress = _quiet) -> Manifest:
     """Export the Hugging Face model directory SRC to the fastllm model directory OUT."""
     src, out = Path(src), Path(out)
-    check_destination(out, overwrite)
+    check_destination(out, overwrite, sources=(src,))
     progress(f"load: {src}")
     model = load_source(src)
     return export_pretrained(model, out, tokenizer=src, graph=graph, precision=precision, max_context=max_context,

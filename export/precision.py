@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
-
-from export.trace import DATA_FILE, GRAPH_FILE
+from fastllm.export.trace import DATA_FILE, GRAPH_FILE
 
 PRECISIONS = ("fp32", "fp16")
 # Verification tolerance on logits, relative to max(1, max |logit|), per precision.

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from fastllm.export.decoder import DecoderSpec
 
-from export.decoder import DecoderSpec
 from fastllm.errors import UnsupportedArchitectureError
 
 
@@ -55,4 +55,4 @@ def unsupported_setting(architecture: str, what: str) -> UnsupportedArchitecture
 
 
 def _load_builtin() -> None:
-    import export.architectures  # noqa: F401  (registers the built-in adapters)
+    import fastllm.export.architectures  # noqa: F401  (registers the built-in adapters)

@@ -25,8 +25,7 @@ agree by construction and the kernel test below checks ONNX Runtime against the 
 from __future__ import annotations
 
 import torch
-
-from kernels.rotary import apply_rotary
+from fastllm.kernels.rotary import apply_rotary
 
 
 def gqa_reference(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache=None,

@@ -11,11 +11,11 @@ import sys
 import time
 
 import numpy as np
+from fastllm.bench.engines import EngineSpec, fastllm_spec, size_on_disk
+from fastllm.bench.workers import run_worker
+from fastllm.train.bundled import BUNDLED, default_model
 
 import fastllm
-from bench.engines import EngineSpec, fastllm_spec, size_on_disk
-from bench.workers import run_worker
-from train.bundled import BUNDLED, default_model
 
 PROMPTS = ["The list type", "To open a file,", "A decorator is"]
 THREADS = 2

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from export.tiny import TINY_ARCHITECTURES, build_tiny, train_tokenizer
+from fastllm.export.tiny import TINY_ARCHITECTURES, build_tiny, train_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +24,7 @@ VARIANTS = [(arch, graph) for arch in TINY_ARCHITECTURES for graph in GRAPHS]
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, hf_dirs):
     """{(architecture, graph kind): (manifest, model directory)}; a bare architecture name means the fused graph."""
-    from export import export_model
+    from fastllm.export import export_model
 
     root = tmp_path_factory.mktemp("fastllm")
     out = {}
@@ -58,7 +57,7 @@ def bundled_dir(tmp_path_factory):
     """The project's trained model, exported (first use) into a private cache."""
     import os
 
-    from train.bundled import default_model
+    from fastllm.train.bundled import default_model
 
     cache = tmp_path_factory.mktemp("cache")
     os.environ["FASTLLM_CACHE"] = str(cache)

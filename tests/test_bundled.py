@@ -10,12 +10,12 @@ import sys
 
 import numpy as np
 import pytest
+from fastllm.train.bundled import BUNDLED
+from fastllm.train.corpus import held_out_text
+from fastllm.train.evaluate import torch_perplexity
 
 import fastllm
 from fastllm.perplexity import perplexity
-from train.bundled import BUNDLED
-from train.corpus import held_out_text
-from train.evaluate import torch_perplexity
 
 
 def test_shipped_directory_is_a_standard_hugging_face_model():
@@ -57,7 +57,7 @@ def test_generate_without_a_model_directory_uses_the_bundled_model(bundled_dir):
 
 def test_exports_by_an_older_exporter_are_replaced(bundled_dir):
     """The cache key covers the weights and the exporter's code; stale exports are removed, the current one kept."""
-    from train.bundled import default_model, fingerprint
+    from fastllm.train.bundled import default_model, fingerprint
 
     assert bundled_dir.name == f"pydoc-llama-{fingerprint(BUNDLED)}"
     stale = bundled_dir.parent / "pydoc-llama-000000000000"

@@ -6,11 +6,11 @@ import json
 
 import onnx
 import pytest
+from fastllm.export import export_model
+from fastllm.export.registry import supported
+from fastllm.export.tiny import TINY_ARCHITECTURES
 
 import fastllm
-from export import export_model
-from export.registry import supported
-from export.tiny import TINY_ARCHITECTURES
 from fastllm.manifest import FORMAT_VERSION, MANIFEST_NAME
 
 
@@ -45,7 +45,7 @@ def test_model_directory_layout(exported, variant):
 def test_failed_verification_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
     # Break the adapter for real (drop Mistral's sliding window): the traced graph is then wrong for long
     # sequences and verification must stop the export.
-    from export.architectures import llama
+    from fastllm.export.architectures import llama
 
     monkeypatch.setattr(llama, "sliding_windows", lambda *a: ())
     out = tmp_path / "out"
@@ -82,7 +82,7 @@ def test_overwrite_replaces_a_previous_export(hf_dirs, tmp_path):
 
 
 def test_export_in_memory_model(hf_models, tokenizer, tmp_path):
-    from export import export_pretrained
+    from fastllm.export import export_pretrained
 
     manifest = export_pretrained(hf_models["Qwen2ForCausalLM"], tmp_path / "m", tokenizer=tokenizer)
     assert manifest.verification["passed"]
@@ -97,9 +97,8 @@ def test_export_in_memory_model(hf_models, tokenizer, tmp_path):
 def test_llama_rope_scaling_variants(tokenizer, tmp_path, rope):
     import torch
     import transformers as tf
-
-    from export import export_pretrained
-    from export.tiny import tiny_config
+    from fastllm.export import export_pretrained
+    from fastllm.export.tiny import tiny_config
 
     config = tiny_config("LlamaForCausalLM", tokenizer.get_vocab_size())
     config.rope_parameters = rope
@@ -110,9 +109,8 @@ def test_llama_rope_scaling_variants(tokenizer, tmp_path, rope):
 
 def test_sequence_length_dependent_rope_is_refused(tokenizer, tmp_path):
     import transformers as tf
-
-    from export import export_pretrained
-    from export.tiny import tiny_config
+    from fastllm.export import export_pretrained
+    from fastllm.export.tiny import tiny_config
 
     config = tiny_config("LlamaForCausalLM", tokenizer.get_vocab_size())
     config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}

@@ -8,13 +8,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from fastllm.export.quantize import QuantOptions, lm_head, quantize_model
+from fastllm.export.quantized_embedding import quantize_embedding
+from fastllm.train.corpus import held_out_text, split
 from onnx import helper, numpy_helper
 
 import fastllm
-from export.quantize import QuantOptions, lm_head, quantize_model
-from export.quantized_embedding import quantize_embedding
 from fastllm.cli import main
-from train.corpus import held_out_text, split
 
 TEXT = held_out_text()[:60_000]  # ~17k tokens: enough for a stable perplexity, quick
 # Stated tolerances against the fp32 model (measured on this text: int8 +0.06% perplexity, mean KL 8e-4; dynamic
@@ -185,7 +185,7 @@ def test_bad_options(kw, message):
 def test_cli_exports_straight_to_mixed_int4(tmp_path, capsys):
     """`fastllm export SRC OUT --precision int4 --mixed int8`: fp32 export, sensitivity, selection, quantization,
     report and gate in one command; only OUT is left behind."""
-    from train.bundled import BUNDLED
+    from fastllm.train.bundled import BUNDLED
 
     text, calibration = tmp_path / "held_out.txt", tmp_path / "calibration.txt"
     text.write_text(TEXT[:30_000])

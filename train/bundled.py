@@ -21,7 +21,7 @@ def cache_root() -> Path:
 
 def fingerprint(directory: Path) -> str:
     """Of the weights and of the code that exports them: a changed exporter (a new graph) exports afresh."""
-    from export import exporter_fingerprint
+    from fastllm.export import exporter_fingerprint
 
     h = hashlib.sha256(exporter_fingerprint().encode())
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
@@ -37,7 +37,7 @@ def default_model(progress=lambda line: print(line, file=sys.stderr)) -> Path:
         raise ModelLoadError(f"the bundled model is missing at {BUNDLED}; pass a model directory instead")
     out = cache_root() / "models" / f"pydoc-llama-{fingerprint(BUNDLED)}"
     if not (out / "fastllm.json").is_file():
-        from export import export_model
+        from fastllm.export import export_model
 
         progress(f"[fastllm] first use: exporting the bundled model to {out}")
         export_model(BUNDLED, out, overwrite=True, progress=lambda line: progress(f"[export] {line}"))

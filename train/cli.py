@@ -32,7 +32,7 @@ def run(args) -> int:
         except (OSError, UnicodeDecodeError) as e:
             raise ModelLoadError(f"cannot read --text {args.text}: {e}") from None
     else:
-        from train.corpus import held_out_text
+        from fastllm.train.corpus import held_out_text
 
         text = held_out_text()
     if (model / "fastllm.json").is_file():
@@ -41,7 +41,7 @@ def run(args) -> int:
 
         result, kind = perplexity(fastllm.load(model, threads=args.threads), text, window=args.window), "fastllm"
     elif (model / "config.json").is_file():
-        from train.evaluate import hf_perplexity
+        from fastllm.train.evaluate import hf_perplexity
 
         result, kind = hf_perplexity(model, text, window=args.window), "pytorch"
     else:

@@ -1,6 +1,6 @@
 """Train the project's small Llama-style model on the Python documentation corpus, on the CPU.
 
-    python -m train.train --out models/pydoc-llama            # the shipped model (see models/pydoc-llama/training.json)
+    python -m fastllm.train.train --out models/pydoc-llama            # the shipped model (see models/pydoc-llama/training.json)
 
 Writes a standard Hugging Face directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
 generation_config.json) plus training.json with the command, the figures and the corpus fingerprints, so the
@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from export.tiny import SPECIAL, train_tokenizer
-from train import corpus
+from fastllm.export.tiny import SPECIAL, train_tokenizer
+from fastllm.train import corpus
 
 EOS, PAD = 0, 1  # the ids of SPECIAL's two tokens
 
@@ -187,14 +186,14 @@ def save(model, tok, cfg: TrainConfig, out: Path, record: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m train.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fastllm.train.train", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     for name, value in asdict(defaults).items():
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = vars(p.parse_args(argv))
     out = Path(args.pop("out"))
     cfg = TrainConfig(**args)
-    command = "python -m train.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m fastllm.train.train " + " ".join(sys.argv[1:] if argv is None else argv)
     record = train(cfg, out, command)
     print(f"done: val loss {record['val_loss']} (ppl {record['val_ppl']}), {record['train_seconds'] / 60:.1f} min "
           f"of training -> {out}", file=sys.stderr)

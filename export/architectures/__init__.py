@@ -1,3 +1,3 @@
 """Built-in architecture adapters; importing this package registers them."""
 
-from export.architectures import gpt2, llama, phi3  # noqa: F401
+from fastllm.export.architectures import gpt2, llama, phi3  # noqa: F401

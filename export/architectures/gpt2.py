@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from export.decoder import DecoderSpec
-from export.registry import Adapted, register, unsupported_setting
+from fastllm.export.decoder import DecoderSpec
+from fastllm.export.registry import Adapted, register, unsupported_setting
 
 
 @register("GPT2LMHeadModel")

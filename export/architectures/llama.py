@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from export.architectures.rope import rope_tables
-from export.decoder import DecoderSpec
-from export.registry import Adapted, register, unsupported_setting
+from fastllm.export.architectures.rope import rope_tables
+from fastllm.export.decoder import DecoderSpec
+from fastllm.export.registry import Adapted, register, unsupported_setting
 
 
 def sliding_windows(config, num_layers: int, max_context: int) -> tuple[int | None, ...]:

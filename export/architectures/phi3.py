@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from export.architectures.llama import llama_like_spec
-from export.architectures.rope import rope_tables
-from export.registry import Adapted, register
+from fastllm.export.architectures.llama import llama_like_spec
+from fastllm.export.architectures.rope import rope_tables
+from fastllm.export.registry import Adapted, register
 
 
 @register("Phi3ForCausalLM")

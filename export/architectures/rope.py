@@ -4,8 +4,7 @@ its attention scaling come out exactly as in the reference."""
 from __future__ import annotations
 
 import torch
-
-from export.registry import unsupported_setting
+from fastllm.export.registry import unsupported_setting
 
 # Rope types whose frequencies depend on the current sequence length: a single static table cannot match them.
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
