@@ -7,61 +7,106 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from fastllm.errors import FastLLMError
+from fastllm.errors import ContextLengthError, FastLLMError, InvalidPromptError
 
 
 def add_generate(subparsers) -> None:
-    p = subparsers.add_parser("generate", help="generate text from a prompt (streams by default)",
-                              usage="fastllm generate [MODEL_DIR] PROMPT [options]")
-    p.add_argument("model_and_prompt", nargs="+", metavar="[MODEL_DIR] PROMPT",
-                   help="model directory written by `fastllm export` (default: the bundled model), then the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--no-stream", action="store_true", help="print the whole completion at the end, with timings")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--threads", type=int, default=None)
+    from fastllm.sampler import SamplingParams
+
+    d = SamplingParams()
+    config = "default: the model's generation config, else"
+    p = subparsers.add_parser(
+        "generate", help="generate text from a prompt (streams by default)",
+        usage="fastllm generate [MODEL_DIR] (PROMPT | - | --ids IDS | --prompt-file FILE) [options]",
+        description="Generate from one prompt: PROMPT, - (read stdin), --ids or --prompt-file, exactly one. Sampling "
+                    "flags left out take the model's generation config (fastllm.json `generation`), else "
+                    "SamplingParams' defaults; each flag given overrides that field only.")
+    p.add_argument("model_and_prompt", nargs="*", metavar="[MODEL_DIR] PROMPT",
+                   help="model directory written by `fastllm export` (default: the bundled model), then the prompt "
+                        "(- reads it from stdin as UTF-8)")
+    p.add_argument("--ids", type=token_ids, default=None, metavar="1,2,3",
+                   help="the prompt as comma-separated token ids (for models without a tokenizer, whose output is "
+                        "then printed as ids too)")
+    p.add_argument("--prompt-file", type=Path, default=None, metavar="FILE",
+                   help="read the prompt from FILE as UTF-8 (one final newline is dropped, for - too)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help=f"most tokens to generate (default: {d.max_new_tokens}); clamped, with a note on stderr, to "
+                        "what fits in the model's context after the prompt")
+    p.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help=f"0 = greedy ({config} {d.temperature:g}, greedy)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help=f"0 = off ({config} {d.top_k})")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help=f"1 = off ({config} {d.top_p:g})")
+    p.add_argument("--min-p", type=float, default=None, metavar="M", help=f"0 = off (default: {d.min_p:g})")
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                   help=f"1 = off, over prompt and output tokens ({config} {d.repetition_penalty:g})")
+    p.add_argument("--presence-penalty", type=float, default=None, metavar="X",
+                   help=f"in [-2, 2], OpenAI's rule over output tokens (default: {d.presence_penalty:g})")
+    p.add_argument("--frequency-penalty", type=float, default=None, metavar="X",
+                   help=f"in [-2, 2], OpenAI's rule over output tokens (default: {d.frequency_penalty:g})")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: none, not reproducible)")
+    p.add_argument("--stop", action="append", default=None, metavar="STR",
+                   help="stop string, cut from the text (repeatable; default: none)")
+    p.add_argument("--stop-token-id", action="append", type=int, default=None, metavar="ID",
+                   help="token id that ends generation besides the model's EOS ids (repeatable; default: none)")
+    p.add_argument("--ignore-eos", action="store_const", const=True, default=None,
+                   help="keep generating past the model's EOS ids (default: stop at EOS)")
+    p.add_argument("--no-stream", action="store_true",
+                   help="print the whole completion at the end, with timings on stderr (default: stream)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime intra-op threads (default: onnxruntime's choice)")
     p.set_defaults(func=run_generate)
 
 
+BUNDLED_MODEL = Path(__file__).resolve().parent / "data" / "pydoc-llama"  # shipped in the package
+
+
 def default_model() -> str:
-    """The model the `fastllm.models` entry point group names as default (the project's bundled model)."""
-    for ep in entry_points(group="fastllm.models"):
-        if ep.name == "default":
-            try:
-                return str(ep.load()())
-            except ImportError as e:
-                raise FastLLMError(f"the bundled model needs the export extra to be exported on first use "
-                                   f"({e.name} is missing): pip install torch==2.13.0 'fastllm[export]', or pass "
-                                   "a model directory") from None
-    raise FastLLMError("no model directory given and no bundled model is installed; pass MODEL_DIR")
+    """The model `fastllm generate "prompt"` uses when no directory is given: the project's own, shipped exported
+    inside the package (see fastllm/train/bundled.py), so it needs nothing beyond the runtime dependencies."""
+    if not (BUNDLED_MODEL / "fastllm.json").is_file():
+        raise FastLLMError(f"no model directory given and the bundled model is missing from {BUNDLED_MODEL} "
+                           "(a broken install: reinstall fastllm); pass MODEL_DIR")
+    return str(BUNDLED_MODEL)
+
+
+def token_ids(text: str) -> list[int]:
+    """--ids: comma-separated integers."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,2,3, got {text!r}") from None
+
+
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty", "seed", "ignore_eos")
 
 
 def run_generate(args) -> int:
     import fastllm
 
-    if len(args.model_and_prompt) > 2:
-        raise FastLLMError(f"generate takes [MODEL_DIR] PROMPT, got {len(args.model_and_prompt)} arguments; quote "
-                           "the prompt")
-    *model, prompt = args.model_and_prompt
-    params = fastllm.SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop))
-    args.prompt, args.model = prompt, model[0] if model else default_model()
-    engine = fastllm.load(args.model, device=args.device, threads=args.threads)
+    model, prompt = prompt_source(args)  # usage errors and bad flags are reported before a model is loaded
+    overrides = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    if args.stop is not None:
+        overrides["stop"] = tuple(args.stop)
+    if args.stop_token_id is not None:
+        overrides["stop_token_ids"] = tuple(args.stop_token_id)
+    fastllm.SamplingParams.from_mapping(overrides)
+    model = model or default_model()
+    engine = fastllm.load(model, device=args.device, threads=args.threads)
+    if isinstance(prompt, str) and engine.tokenizer is None:
+        raise InvalidPromptError(f"{model} has no tokenizer; pass the prompt as token ids with --ids 1,2,3")
+    (ids,), _ = engine.prompt_ids(prompt)
+    params = fit_context(engine.default_params(**overrides), len(ids), engine.manifest.max_context)
+    as_text = engine.tokenizer is not None  # without a tokenizer the output is token ids, comma-separated like --ids
     if args.no_stream:
-        c = engine.generate(args.prompt, params)
-        print(c.text)
+        c = engine.generate(ids, params)
+        print(c.text if as_text else ",".join(map(str, c.token_ids)))
         print(f"[{c.prompt_tokens} prompt + {c.completion_tokens} new tokens, finish: {c.finish_reason}, "
               f"TTFT {c.ttft_s * 1e3:.1f} ms, TPOT {c.tpot_s * 1e3:.2f} ms, {c.tokens_per_s:.1f} tok/s]",
               file=sys.stderr)
         return 0
-    stream = engine.stream(args.prompt, params)
+    stream = engine.stream(ids, params) if as_text else id_pieces(engine, ids, params)
     try:
         for piece in stream:
             sys.stdout.write(piece)
@@ -70,6 +115,67 @@ def run_generate(args) -> int:
         stream.close()
     sys.stdout.write("\n")
     return 0
+
+
+def prompt_source(args) -> tuple[str | None, str | list[int]]:
+    """(MODEL_DIR or None, the prompt) from exactly one of: PROMPT, - (stdin), --ids, --prompt-file."""
+    positional = list(args.model_and_prompt)
+    flags = [flag for flag, value in (("--ids", args.ids), ("--prompt-file", args.prompt_file)) if value is not None]
+    if flags:
+        if len(flags) > 1 or len(positional) > 1:
+            given = (["PROMPT"] if len(positional) > 1 else []) + flags
+            raise UsageError(f"give exactly one prompt source (PROMPT, -, --ids or --prompt-file), got "
+                             f"{' and '.join(given)}")
+        model = positional[0] if positional else None
+        if args.ids is not None:
+            return model, args.ids
+        try:
+            data = args.prompt_file.read_bytes()
+        except OSError as e:
+            raise InvalidPromptError(f"cannot read --prompt-file {str(args.prompt_file)!r}: {e.strerror or e}; pass a "
+                                     "readable UTF-8 text file") from None
+        return model, utf8_text(data, f"--prompt-file {str(args.prompt_file)!r}")
+    if not positional or len(positional) == 1 and (Path(positional[0]) / "fastllm.json").is_file():
+        raise UsageError("no prompt: give PROMPT, - (read stdin), --ids 1,2,3 or --prompt-file FILE")
+    if len(positional) > 2:
+        raise UsageError(f"generate takes [MODEL_DIR] PROMPT, got {len(positional)} arguments; quote the prompt")
+    *model, prompt = positional
+    if prompt == "-":
+        prompt = utf8_text(sys.stdin.buffer.read(), "stdin")
+    return (model[0] if model else None), prompt
+
+
+def utf8_text(data: bytes, where: str) -> str:
+    """A prompt read from a file or stdin: strict UTF-8, one final newline dropped (as the shell's $(cat FILE))."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidPromptError(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                                 "convert it to UTF-8, e.g. with iconv") from None
+    return text.removesuffix("\n")
+
+
+def fit_context(params, prompt_tokens: int, context: int):
+    """Clamp max_new_tokens to what fits in the context after the prompt, saying so on stderr."""
+    room = context - prompt_tokens
+    if room < 1:
+        raise ContextLengthError(f"the prompt has {prompt_tokens} tokens but the model's context is {context} tokens, "
+                                 f"leaving no room to generate; shorten it to at most {context - 1} tokens")
+    if params.max_new_tokens > room:
+        print(f"[fastllm] max-new-tokens {params.max_new_tokens} -> {room}: the context is {context} tokens and the "
+              f"prompt has {prompt_tokens}", file=sys.stderr)
+        params = params.replace(max_new_tokens=room)
+    return params
+
+
+def id_pieces(engine, ids: list[int], params):
+    """The generated ids as text for stdout when the model has no tokenizer: 5,17,3 (the format --ids reads)."""
+    steps = engine.tokens(ids, params)
+    try:
+        for n, (token,) in enumerate(steps):
+            yield f"{',' if n else ''}{token}"
+    finally:
+        steps.close()
 
 
 def add_info(subparsers) -> None:
@@ -87,8 +193,8 @@ def run_info(args) -> int:
     lines = [
         f"model:        {args.model}",
         f"architecture: {m.architecture} (manifest format {m.format_version})",
-        f"shape:        {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads / {m.num_kv_heads} kv heads,"
-        f" head dim {m.head_dim}, vocab {m.vocab_size}",
+        (f"shape:        {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads / {m.num_kv_heads} kv "
+         f"heads, head dim {m.head_dim}, vocab {m.vocab_size}"),
         f"context:      {m.max_context} tokens" + (f", rope {m.rope}" if m.rope else ", learned positions"),
         f"precision:    {m.precision}",
         *quantization_lines(m.quantization or {}),
@@ -161,8 +267,33 @@ def _unavailable(name: str, error: ImportError) -> int:
     raise FastLLMError(f"`fastllm {name}` is not installed ({error}); install it with pip install 'fastllm[export]'")
 
 
+class UsageError(FastLLMError):
+    """The command line itself is wrong: exit status 2, like argparse's own usage errors."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with fastllm's one-line errors (`fastllm: error: ...`) and exit status 2 for usage errors."""
+
+    def error(self, message: str):
+        self.exit(2, f"fastllm: error: {message}; see `{self.prog} --help`\n")
+
+
+class Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print fastllm's and onnxruntime's versions and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import onnxruntime
+
+        import fastllm
+
+        print(f"fastllm {fastllm.__version__} (onnxruntime {onnxruntime.__version__})")
+        parser.exit(0)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastllm", description="Fast inference for decoder LMs exported to ONNX.")
+    p = Parser(prog="fastllm", description="Fast inference for decoder LMs exported to ONNX.")
+    p.add_argument("--version", action=Version)
     sub = p.add_subparsers(dest="command", required=True)
     add_generate(sub)
     add_info(sub)
@@ -171,14 +302,24 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Exit status: 0 done, 1 an error (one line on stderr), 2 a usage error (one line), 130 interrupted."""
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help and --version exit 0, usage errors 2
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
         return args.func(args)
+    except UsageError as e:
+        return error(f"{e}; see `fastllm {args.command} --help`", 2)
     except FastLLMError as e:
-        print(f"fastllm: error: {e}", file=sys.stderr)
-        return 1
+        return error(str(e), 1)
     except KeyboardInterrupt:
         return 130
+
+
+def error(message: str, status: int) -> int:
+    print("fastllm: error: " + " ".join(message.split("\n")), file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -8,7 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+try:
+    import onnxruntime as ort
+except ImportError:  # the runtime's ONNX Runtime build is an extra: one of two packages, never both
+    raise ImportError("fastllm needs ONNX Runtime and none is installed: pip install 'fastllm[cpu]' "
+                      "(or 'fastllm[gpu]' for CUDA)") from None
 
 from fastllm.errors import DeviceError, InvalidParameterError, ManifestError, ModelLoadError
 from fastllm.kv_cache import CACHES, capacity_for
@@ -68,6 +73,19 @@ def _ort_package() -> str:
     return "unknown"
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:3] if part.isdigit())
+
+
+def _load_hint(manifest: Manifest) -> str:
+    """What to do about a graph ONNX Runtime refused: a newer ONNX Runtime wrote it, or the file is damaged."""
+    exported_with = (manifest.source or {}).get("versions", {}).get("onnxruntime")
+    if exported_with and _version(exported_with) > _version(ort.__version__):
+        return (f"the model was exported with onnxruntime {exported_with}, newer than this one; upgrade "
+                f"(pip install -U 'onnxruntime>={exported_with}', or onnxruntime-gpu) or re-export it here")
+    return "the file is corrupt or incomplete, re-export it with `fastllm export SRC OUT`"
+
+
 def session_options(threads: int | None, *, preoptimized: bool = False) -> ort.SessionOptions:
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise InvalidParameterError(f"threads must be a positive integer or None (all cores), got {threads!r}")
@@ -101,8 +119,8 @@ def open_session(directory: Path, manifest: Manifest, *, device: Device, threads
         session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"onnxruntime could not load {path}: {first_line}; the file is corrupt or "
-                             "incomplete, re-export it with `fastllm export SRC OUT`") from None
+        raise ModelLoadError(f"onnxruntime {ort.__version__} could not load {path}: {first_line}; "
+                             + _load_hint(manifest)) from None
     if session.get_providers()[0] != device.provider:
         raise DeviceError(f"onnxruntime did not start {device.provider} (it runs {session.get_providers()}); "
                           "check the CUDA and cuDNN libraries onnxruntime-gpu needs, or load with device='cpu'")

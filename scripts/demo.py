@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from fastllm.bench.engines import EngineSpec, fastllm_spec, size_on_disk
 from fastllm.bench.workers import run_worker
-from fastllm.train.bundled import BUNDLED, default_model
+from fastllm.export import export_model
+from fastllm.train.bundled import BUNDLED
 
 import fastllm
 
@@ -26,13 +29,18 @@ def say(line: str = "") -> None:
 
 
 def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="fastllm-demo-") as tmp:  # the export is the demo's own, removed after
+        return demo(Path(tmp) / "pydoc-llama")
+
+
+def demo(model_dir: Path) -> int:
     t0 = time.perf_counter()
     record = json.loads((BUNDLED / "training.json").read_text())
     say(f"[1/4] bundled model {BUNDLED.name}: {record['parameters'] / 1e6:.1f} M parameters, trained here in "
         f"{record['train_seconds'] / 60:.1f} min on the Python documentation (held-out perplexity "
         f"{record['val_ppl']:.1f})")
-    say("[2/4] exporting it (first use only; verified against PyTorch)")
-    model_dir = default_model(progress=lambda line: say(f"      {line}"))
+    say(f"[2/4] exporting it to {model_dir} (verified against PyTorch; the package ships the same export)")
+    export_model(BUNDLED, model_dir, progress=lambda line: say(f"      {line}"))
     engine = fastllm.load(model_dir, threads=THREADS)
     v = engine.manifest.verification
     say(f"      {model_dir}: {engine.manifest.graph.kind} graph, max |Δlogits| {v['max_abs_diff']:.1e}, greedy tokens "

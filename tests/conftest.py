@@ -53,18 +53,12 @@ def hf_models(hf_dirs):
 
 
 @pytest.fixture(scope="session")
-def bundled_dir(tmp_path_factory):
-    """The project's trained model, exported (first use) into a private cache."""
-    import os
+def bundled_dir():
+    """The project's trained model as it ships, exported, inside the package (kept in step with the exporter by
+    tests/test_bundled.py). Read only."""
+    from fastllm.cli import BUNDLED_MODEL
 
-    from fastllm.train.bundled import default_model
-
-    cache = tmp_path_factory.mktemp("cache")
-    os.environ["FASTLLM_CACHE"] = str(cache)
-    try:
-        yield default_model(progress=lambda line: None)
-    finally:
-        os.environ.pop("FASTLLM_CACHE", None)
+    return BUNDLED_MODEL
 
 
 @pytest.fixture

@@ -1,47 +1,38 @@
-"""The model the project trains and ships (models/pydoc-llama, a Hugging Face directory), exported on first use.
+"""The model the project trains (models/pydoc-llama, a Hugging Face directory) and the export of it that ships
+inside the `fastllm` package (fastllm/data/pydoc-llama), so that `fastllm generate "prompt"` works from a plain
+wheel install with the runtime dependencies alone.
 
-`fastllm generate "prompt"` with no model directory asks the `fastllm.models` entry point group for a default
-model; this module answers it, so the runtime itself never imports the exporter.
+    python -m fastllm.train.bundled      # re-export the shipped copy after a change to the exporter
+
+tests/test_bundled.py keeps the shipped copy in step: a fresh export must give the same logits and greedy tokens.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
+import argparse
 import sys
 from pathlib import Path
 
-BUNDLED = Path(__file__).resolve().parents[1] / "models" / "pydoc-llama"
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "models" / "pydoc-llama"  # the trained Hugging Face directory (not installed)
+SHIPPED = ROOT / "fastllm" / "data" / "pydoc-llama"  # its export, installed as package data
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FASTLLM_CACHE", Path.home() / ".cache" / "fastllm"))
+def refresh(progress=lambda line: print(line, file=sys.stderr)) -> Path:
+    """Export BUNDLED (verified against PyTorch) over the shipped copy; the old copy stays until the new one is
+    complete."""
+    from fastllm.export import export_model
+
+    export_model(BUNDLED, SHIPPED, overwrite=True, progress=lambda line: progress(f"[export] {line}"))
+    return SHIPPED
 
 
-def fingerprint(directory: Path) -> str:
-    """Of the weights and of the code that exports them: a changed exporter (a new graph) exports afresh."""
-    from fastllm.export import exporter_fingerprint
-
-    h = hashlib.sha256(exporter_fingerprint().encode())
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        h.update((directory / name).read_bytes())
-    return h.hexdigest()[:12]
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="python -m fastllm.train.bundled", description=__doc__.splitlines()[0]
+                            ).parse_args(argv)
+    refresh()
+    return 0
 
 
-def default_model(progress=lambda line: print(line, file=sys.stderr)) -> Path:
-    """The exported bundled model, exporting (and verifying) it into the cache the first time."""
-    from fastllm.errors import ModelLoadError
-
-    if not (BUNDLED / "model.safetensors").is_file():
-        raise ModelLoadError(f"the bundled model is missing at {BUNDLED}; pass a model directory instead")
-    out = cache_root() / "models" / f"pydoc-llama-{fingerprint(BUNDLED)}"
-    if not (out / "fastllm.json").is_file():
-        from fastllm.export import export_model
-
-        progress(f"[fastllm] first use: exporting the bundled model to {out}")
-        export_model(BUNDLED, out, overwrite=True, progress=lambda line: progress(f"[export] {line}"))
-    for stale in out.parent.glob("pydoc-llama-*"):  # exports of older weights or by an older exporter
-        if stale != out and (stale / "fastllm.json").is_file():
-            shutil.rmtree(stale, ignore_errors=True)
-    return out
+if __name__ == "__main__":
+    sys.exit(main())
