@@ -200,5 +200,19 @@ class DecoderLM(nn.Module):
             presents += [present_k, present_v]
         x = self.norm(x)
         keep = torch.arange(logits_to_keep) + (seq - logits_to_keep)
-        logits = self.lm_head(x.index_select(1, keep))  # (B, logits_to_keep, V)
-        return (logits, *presents)
+        return (x.index_select(1, keep), *presents)  # (B, logits_to_keep, D): DecoderGraph applies the LM head
+
+
+class DecoderGraph(nn.Module):
+    """What is traced: a decoder body (DecoderLM, or FusedDecoder for the fused graph) -> (hidden states at the kept
+    positions, *present caches), named "model", and the LM head beside it. The exporter names each node after the
+    modules it runs in, so weight MatMuls read /model/layers.3/attn/q_proj/MatMul and /lm_head/MatMul."""
+
+    def __init__(self, body: nn.Module, lm_head: nn.Linear):
+        super().__init__()
+        self.model = body
+        self.lm_head = lm_head
+
+    def forward(self, *inputs):
+        hidden, *presents = self.model(*inputs)
+        return (self.lm_head(hidden), *presents)  # logits (B, logits_to_keep, V)

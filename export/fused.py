@@ -18,7 +18,7 @@ MatMul for gate|up (SwiGLU) or MatMul + FastGelu (GPT-2).
 from __future__ import annotations
 
 import torch
-from fastllm.export.decoder import DecoderLM, DecoderSpec
+from fastllm.export.decoder import Attention, DecoderLM, DecoderSpec, MLP
 from fastllm.kernels.fast_gelu import fast_gelu
 from fastllm.kernels.group_query_attention import group_query_attention
 from fastllm.kernels.rotary import apply_rotary
@@ -39,68 +39,118 @@ def rotary_in_attention(spec: DecoderSpec) -> bool:
     return spec.positions == "rope" and spec.head_dim % 16 == 0 and (spec.rotary_dim // 2) % 8 == 0
 
 
-class FusedDecoderGraph(nn.Module):
-    def __init__(self, model: DecoderLM):
-        super().__init__()
-        self.model = model  # scope name "model": nodes read /model/layers.0/attn/...
-        self.spec = model.spec
-        self.inner_rotary = rotary_in_attention(model.spec)
+class Projection(nn.Module):
+    """One MatMul over the weights of Linear layers side by side (q|k|v, gate|up). A module of its own so that its
+    node is named like one (/model/layers.3/attn/qkv_proj/MatMul); the weights stay the decoder's (a tuple, not
+    registered twice). add_bias=False leaves the bias to the caller."""
 
-    def attention(self, layer, x, seqlens_k, total, past_k, past_v, cos, sin, window):
-        spec, attn = self.spec, layer.attn
+    def __init__(self, *linears: nn.Linear, add_bias: bool = True):
+        super().__init__()
+        self.linears = linears
+        self.add_bias = add_bias and linears[0].bias is not None
+
+    def forward(self, x):
+        weight = torch.cat([linear.weight for linear in self.linears])  # folded at export
+        bias = torch.cat([linear.bias for linear in self.linears]) if self.add_bias else None
+        return F.linear(x, weight, bias)
+
+
+class FusedAttention(nn.Module):
+    def __init__(self, attn: Attention, spec: DecoderSpec, window: int | None, tables: tuple):
+        super().__init__()
+        self.qkv_proj = Projection(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.o_proj = attn.o_proj
+        self.spec, self.window = spec, window or -1
+        self.tables = tables  # (cos, sin) for rotary inside the attention op, else (None, None)
+
+    def forward(self, x, seqlens_k, total, past_k, past_v, cos, sin):
+        spec = self.spec
         batch, seq, _ = x.shape
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # folded at export
-        bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]) if spec.qkv_bias else None
-        qkv = F.linear(x, weight, bias)
-        tables = (self.model.cos_table, self.model.sin_table) if self.inner_rotary else (None, None)
-        if spec.positions != "rope" or self.inner_rotary:  # q | k | v go into the attention op packed (no Split)
-            out, present_k, present_v = group_query_attention(
-                qkv, None, None, past_k, past_v, seqlens_k, total, *tables, num_heads=spec.num_heads,
-                kv_heads=spec.num_kv_heads, local_window_size=window or -1)
-            return attn.o_proj(out), present_k, present_v
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        if spec.positions == "rope":  # rotary as plain ops, before the attention op
+        qkv = self.qkv_proj(x)  # (B, S, q_size + 2 * kv_size)
+        if cos is None:  # q | k | v go into the attention op packed (no Split)
+            q, k, v = qkv, None, None
+        else:  # rotary as plain ops, before the attention op
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = apply_rotary(q.view(batch, seq, -1, spec.head_dim).transpose(1, 2), cos, sin)
             k = apply_rotary(k.view(batch, seq, -1, spec.head_dim).transpose(1, 2), cos, sin)
             q, k = q.transpose(1, 2).reshape(batch, seq, q_size), k.transpose(1, 2).reshape(batch, seq, kv_size)
         out, present_k, present_v = group_query_attention(
-            q, k, v, past_k, past_v, seqlens_k, total, *tables, num_heads=spec.num_heads,
-            kv_heads=spec.num_kv_heads, local_window_size=window or -1)
-        return attn.o_proj(out), present_k, present_v
+            q, k, v, past_k, past_v, seqlens_k, total, *self.tables, num_heads=spec.num_heads,
+            kv_heads=spec.num_kv_heads, local_window_size=self.window)
+        return self.o_proj(out), present_k, present_v
 
-    def mlp(self, mlp, x):
-        if self.spec.mlp == "gated_silu":
-            weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])  # one MatMul for gate|up
-            bias = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]) if self.spec.mlp_bias else None
-            gate, up = F.linear(x, weight, bias).split(self.spec.intermediate_size, dim=-1)
-            return mlp.down_proj(F.silu(gate) * up)
-        return mlp.down_proj(fast_gelu(F.linear(x, mlp.up_proj.weight), mlp.up_proj.bias))
+
+class FusedMLP(nn.Module):
+    def __init__(self, mlp: MLP, spec: DecoderSpec):
+        super().__init__()
+        self.gated, self.intermediate_size = spec.mlp == "gated_silu", spec.intermediate_size
+        if self.gated:
+            self.gate_up_proj = Projection(mlp.gate_proj, mlp.up_proj)
+        else:
+            self.up_proj = Projection(mlp.up_proj, add_bias=False)
+            self.up_bias = mlp.up_proj.bias  # added inside FastGelu
+        self.down_proj = mlp.down_proj
+
+    def forward(self, x):
+        if self.gated:
+            gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fast_gelu(self.up_proj(x), self.up_bias))
+
+
+class FusedLayer(nn.Module):
+    """A decoder layer whose residual adds are fused into the norms that follow: its own post-attention norm, then
+    the next layer's input norm (the final norm after the last layer)."""
+
+    def __init__(self, model: DecoderLM, i: int, tables: tuple):
+        super().__init__()
+        spec, layer = model.spec, model.layers[i]
+        windows = spec.sliding_windows or (None,) * spec.num_layers
+        self.attn = FusedAttention(layer.attn, spec, windows[i], tables)
+        self.post_attention_norm = layer.post_attention_norm
+        self.mlp = FusedMLP(layer.mlp, spec)
+        self.next_norm = model.layers[i + 1].input_norm if i + 1 < spec.num_layers else model.norm
+
+    def forward(self, normed, residual, seqlens_k, total, past_k, past_v, cos, sin):
+        attn_out, present_k, present_v = self.attn(normed, seqlens_k, total, past_k, past_v, cos, sin)
+        normed, residual = skip_norm(self.post_attention_norm, attn_out, residual)
+        normed, residual = skip_norm(self.next_norm, self.mlp(normed), residual)
+        return normed, residual, present_k, present_v
+
+
+class FusedDecoder(nn.Module):
+    """The decoder body of the fused graph -> (hidden states at the kept positions, *present caches); the LM head
+    is applied by DecoderGraph."""
+
+    def __init__(self, model: DecoderLM):
+        super().__init__()
+        self.decoder = model
+        self.spec = model.spec
+        self.inner_rotary = rotary_in_attention(model.spec)
+        tables = (model.cos_table, model.sin_table) if self.inner_rotary else (None, None)
+        self.layers = nn.ModuleList(FusedLayer(model, i, tables) for i in range(model.spec.num_layers))
 
     def forward(self, input_ids, position_ids, seqlens_k, total_sequence_length, logits_to_keep, *past):
-        model, spec = self.model, self.spec
+        model, spec = self.decoder, self.spec
         seq = input_ids.shape[1]
         x = model.embed_tokens(input_ids)  # (B, S, D)
-        cos = sin = None
+        cos = sin = None  # set only for rotary as plain ops, outside the attention op
         if spec.positions == "learned":
             x = x + model.embed_positions(position_ids)
         elif not self.inner_rotary:
             cos = model.cos_table[position_ids].unsqueeze(1)  # (B, 1, S, rotary_dim // 2)
             sin = model.sin_table[position_ids].unsqueeze(1)
-        windows = spec.sliding_windows or (None,) * spec.num_layers
         residual = x
         normed = model.layers[0].input_norm(x)
         presents = []
-        for i, layer in enumerate(model.layers):
-            attn_out, present_k, present_v = self.attention(layer, normed, seqlens_k, total_sequence_length,
-                                                            past[2 * i], past[2 * i + 1], cos, sin, windows[i])
+        for i, layer in enumerate(self.layers):
+            normed, residual, present_k, present_v = layer(normed, residual, seqlens_k, total_sequence_length,
+                                                           past[2 * i], past[2 * i + 1], cos, sin)
             presents += [present_k, present_v]
-            normed, residual = skip_norm(layer.post_attention_norm, attn_out, residual)
-            following = model.layers[i + 1].input_norm if i + 1 < spec.num_layers else model.norm
-            normed, residual = skip_norm(following, self.mlp(layer.mlp, normed), residual)
         # each row's last real token sits at seqlens_k (prompt) or at 0 (one new token per row)
         lengths = seqlens_k.to(torch.int64)
         last = torch.minimum(lengths, torch.zeros_like(lengths) + (seq - 1))  # (B,), seq stays symbolic
         index = (last[:, None] - logits_to_keep + 1 + torch.arange(logits_to_keep)[None, :]).clamp(min=0)
         hidden = normed.gather(1, index[:, :, None].expand(-1, -1, spec.hidden_size))  # (B, keep, D)
-        return (model.lm_head(hidden), *presents)
+        return (hidden, *presents)

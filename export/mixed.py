@@ -109,7 +109,7 @@ def choose(src: Path, options, calibration_text: str, scratch: Path, progress) -
     else:
         k = 0
     kept = {n: options.mixed for n in order[:k]}
-    labels = matmul_labels(light, reference.manifest.num_layers)
+    labels = matmul_labels(light)
     report = {"keep": options.mixed, "budget": budget, "kept": [labels[n] for n in order[:k]], "kept_count": k,
               "candidates": len(candidates), "sensitivity": "mean KL vs fp32, this MatMul alone quantized, on "
               f"{CALIBRATION_WINDOWS} x {CALIBRATION_WINDOW} calibration tokens",

@@ -95,21 +95,14 @@ def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return nodes
 
 
-def matmul_labels(model: onnx.ModelProto, num_layers: int) -> dict[str, str]:
-    """Readable names for the weight MatMuls ("layers.3 576x960", "lm_head 576x49152"): the traced node names are
-    not (\"/MatMul_7\"). Layers are told apart by position: each decoder layer contributes the same MatMuls."""
+def matmul_labels(model: onnx.ModelProto) -> dict[str, str]:
+    """Node name -> the module it belongs to and its weight's shape, for reports: /model/layers.3/attn/qkv_proj/MatMul
+    -> "layers.3.attn.qkv_proj 576x960", /lm_head/MatMul -> "lm_head 576x49152"."""
     inits = {t.name: t for t in model.graph.initializer}
-    nodes, head = weight_matmuls(model), lm_head(model)
-    body = [n for n in nodes if head is None or n.name != head.name]
-    per_layer = len(body) // num_layers if num_layers and len(body) % num_layers == 0 else None
     labels = {}
-    for i, node in enumerate(nodes):
-        shape = "x".join(str(d) for d in inits[node.input[1]].dims)
-        if head is not None and node.name == head.name:
-            labels[node.name] = f"lm_head {shape}"
-        else:
-            labels[node.name] = f"layers.{body.index(node) // per_layer} {shape}" if per_layer else \
-                f"{node.name} {shape}"
+    for node in weight_matmuls(model):
+        module = node.name.removeprefix("/model/").strip("/").removesuffix("/MatMul").replace("/", ".")
+        labels[node.name] = f"{module} {'x'.join(str(d) for d in inits[node.input[1]].dims)}"
     return labels
 
 

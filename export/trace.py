@@ -8,8 +8,8 @@ from pathlib import Path
 
 import onnx
 import torch
-from fastllm.export.decoder import DecoderLM, DecoderSpec
-from fastllm.export.fused import FusedDecoderGraph
+from fastllm.export.decoder import DecoderGraph, DecoderLM, DecoderSpec
+from fastllm.export.fused import FusedDecoder
 from fastllm.export.tied_embeddings import share_tied_embedding
 
 from fastllm.manifest import TensorInfo
@@ -69,7 +69,7 @@ def trace(module: DecoderLM, directory: Path, kind: str) -> None:
     """Write directory/model.onnx (+ model.onnx.data) for graph `kind`."""
     module.eval()
     spec = module.spec
-    graph = FusedDecoderGraph(module) if kind == "fused" else module
+    graph = DecoderGraph(FusedDecoder(module) if kind == "fused" else module, module.lm_head)
     inputs, outputs = io_names(kind, spec.num_layers)
     with tempfile.TemporaryDirectory(dir=directory) as scratch, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
