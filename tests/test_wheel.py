@@ -99,3 +99,14 @@ def test_installed_top_level_packages_are_only_fastllm(installed, tmp_path):
     code = ("import importlib.util as u, sys, fastllm; "
             "print([m for m in ('export', 'kernels', 'bench', 'train') if u.find_spec(m)], 'torch' in sys.modules)")
     assert run(installed / "bin" / "python", "-c", code, cwd=tmp_path).stdout.split() == ["[]", "False"]
+
+
+def test_without_an_onnxruntime_extra_the_error_says_what_to_install(wheel, tmp_path):
+    env = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env)
+    run(env / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c", FLOORS, wheel,
+        cwd=tmp_path)
+    out = subprocess.run([env / "bin" / "python", "-c", "import fastllm"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 1
+    assert "ImportError: fastllm needs ONNX Runtime and none is installed: pip install 'fastllm[cpu]'" in out.stderr
