@@ -34,7 +34,7 @@ def wheel(tmp_path_factory) -> Path:
         shutil.copy(ROOT / name, source)
     for name in ("fastllm", "export", "kernels", "bench", "train"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, source,
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, source,
         cwd=dist)
     (path,) = dist.glob("fastllm-*.whl")
     return path
