@@ -28,7 +28,7 @@ import onnx
 from fastllm.export.optimize import optimize
 from fastllm.export.quality import describe_report, quality_report
 from fastllm.export.quantized_embedding import quantize_embedding
-from fastllm.export.staging import check_destination, staging
+from fastllm.export.staging import MODEL_FILES, check_destination, staging
 from fastllm.export.trace import DATA_FILE, GRAPH_FILE
 from onnx.external_data_helper import load_external_data_for_tensor
 
@@ -226,7 +226,7 @@ def quantize_model(src, out, options: QuantOptions, *, text: str | None = None, 
     t0 = time.perf_counter()
     with staging(out, "quantization") as tmp:
         for f in src.iterdir():
-            if f.name not in (GRAPH_FILE, DATA_FILE):
+            if f.name in MODEL_FILES - {GRAPH_FILE, DATA_FILE} and f.is_file():  # a user's own files stay behind
                 shutil.copy2(f, tmp / f.name)
         progress(f"quantize: {options.precision} {options.method}"
                  + (f", blocks of {options.block_size}, {'symmetric' if options.symmetric else 'asymmetric'}, "
