@@ -23,7 +23,8 @@ def register(subparsers) -> None:
                    help="fp32 (default; CPU), fp16 (for CUDA), or int8 / int4 weight-only (exported in fp32, then "
                         "quantized with a quality report and gate, as `fastllm quantize`)")
     add_quant_options(p)
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is a fastllm model directory holding only model files")
     p.add_argument("--threads", type=int, default=None, help="threads for verification (default: all cores)")
     p.set_defaults(func=run)
 
@@ -131,7 +132,8 @@ def register_quantize(subparsers) -> None:
     p.add_argument("src", help="fastllm model directory, fp32")
     p.add_argument("out")
     p.add_argument("--precision", choices=("int8", "int4"), required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is a fastllm model directory holding only model files")
     add_quant_options(p)
     p.set_defaults(func=run_quantize)
 
