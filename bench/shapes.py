@@ -21,11 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastllm.bench.errors import BenchError
+from fastllm.export.precision import variants
 
 Progress = Callable[[str], None]
 SEED = 0  # weights are random but the same on every run
-PRECISIONS = {"fp32": None, "int8": ("int8", "weight-only"), "int8-dynamic": ("int8", "dynamic"),
-              "int4": ("int4", "weight-only")}  # --precisions -> (precision, method) of `fastllm quantize`
+# --precisions -> (precision, method) of `fastllm quantize`: fp32, int8, int8-dynamic, int4
+PRECISIONS = {"fp32": None, **variants()}
 STAMP = ".exporter"  # in each built model directory: the exporter fingerprint it was built with
 
 
@@ -106,10 +107,14 @@ def build(shape: Shape, work_dir: str | Path, *, graphs: tuple[str, ...] = ("fus
     record = _record(shape)
     cached = json.loads(record_path.read_text()) if record_path.is_file() else None
     if cached is None or cached.get("built") != record or not (hf_dir / "config.json").is_file():
-        shutil.rmtree(root, ignore_errors=True)
+        if cached is None and root.is_dir() and any(root.iterdir()):
+            raise BenchError(f"{root} exists and was not made by fastllm bench (it has no shape.json); choose another "
+                             "--work-dir or move it away")
+        shutil.rmtree(root, ignore_errors=True)  # made by bench: its shape.json is written before anything else
+        root.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps({"building": record}) + "\n")
         progress(f"{shape.name}: building random {shape.architecture} weights -> {hf_dir}")
         parameters = _write_hf(shape, hf_dir)
-        root.mkdir(parents=True, exist_ok=True)
         record_path.write_text(json.dumps({"built": record, "parameters": parameters}, indent=2) + "\n")
         cached = json.loads(record_path.read_text())
     if not (hf_dir / "tokenizer.json").is_file():
@@ -123,6 +128,7 @@ def build(shape: Shape, work_dir: str | Path, *, graphs: tuple[str, ...] = ("fus
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
+            (fp32_dir / STAMP).unlink(missing_ok=True)  # ours; --overwrite replaces only a directory of model files
             progress(f"{shape.name}: exporting the {graph} graph to {fp32_dir} (max context {shape.max_context}, "
                      "verified against PyTorch)")
             export_model(hf_dir, fp32_dir, graph=graph, max_context=shape.max_context, overwrite=True,
@@ -131,6 +137,7 @@ def build(shape: Shape, work_dir: str | Path, *, graphs: tuple[str, ...] = ("fus
         for precision in precisions:
             built = fp32_dir if precision == "fp32" else root / f"fastllm-{graph}-{precision}"
             if not _usable_export(built, fingerprint):
+                (built / STAMP).unlink(missing_ok=True)
                 _quantize(shape, fp32_dir, built, precision, progress)
                 (built / STAMP).write_text(fingerprint)
             dirs.append(built)
@@ -138,12 +145,13 @@ def build(shape: Shape, work_dir: str | Path, *, graphs: tuple[str, ...] = ("fus
 
 
 def _quantize(shape: Shape, src: Path, out: Path, precision: str, progress: Progress) -> None:
-    from fastllm.export.quantize import QuantOptions, quantize_model
+    from fastllm.export.precision import QuantOptions
+    from fastllm.export.quantize import quantize_model
     from fastllm.train.corpus import held_out_text
 
-    bits, method = PRECISIONS[precision]
+    name, method = PRECISIONS[precision]
     progress(f"{shape.name}: quantizing {src.name} to {precision} -> {out}")
-    quantize_model(src, out, QuantOptions(bits, method=method), text=held_out_text()[:4000], force=True,
+    quantize_model(src, out, QuantOptions(name, method=method), text=held_out_text()[:4000], force=True,
                    overwrite=True, progress=lambda line: progress(f"{shape.name}: quantize: {line}"))
 
 

@@ -233,3 +233,16 @@ def test_commit_rechecks_an_out_that_appeared_meanwhile(model, tmp_path):
         with staging(out, "export") as tmp:
             (out / "notes.txt").write_text("mine")
     assert (out / "notes.txt").read_text() == "mine" and leftovers(tmp_path) == []
+
+
+def test_bench_never_clears_a_directory_it_did_not_make(tmp_path):
+    from fastllm.bench import shapes
+    from fastllm.bench.errors import BenchError
+
+    mine = tmp_path / "models" / "tiny"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(BenchError, match="was not made by fastllm bench"):
+        shapes.build(shapes.get("tiny"), tmp_path, progress=lambda line: None)
+    assert snapshot(tmp_path) == {"models": "dir", "models/tiny": "dir",
+                                  "models/tiny/notes.txt": hashlib.sha256(b"mine").hexdigest()}
