@@ -304,10 +304,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 an error (one line on stderr), 2 a usage error (one line), 130 interrupted."""
     try:
-        args = parser().parse_args(argv)
+        args, unknown = parser().parse_known_args(argv)
     except SystemExit as e:  # --help and --version exit 0, usage errors 2
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
+        if unknown:  # reported here to point at the subcommand's help
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
         return args.func(args)
     except UsageError as e:
         return error(f"{e}; see `fastllm {args.command} --help`", 2)

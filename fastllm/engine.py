@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fastllm.errors import ContextLengthError, InvalidPromptError, ModelLoadError
+from fastllm.errors import ContextLengthError, InvalidParameterError, InvalidPromptError, ManifestError, ModelLoadError
 from fastllm.manifest import Manifest
-from fastllm.sampler import SamplingParams, TokenHistory, sample
+from fastllm.sampler import SamplingParams, TokenHistory, as_params, sample
 from fastllm.session import Device, Session
 from fastllm.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -96,10 +96,16 @@ class Engine:
         self.tokenizer = tokenizer
 
     # -- public API -------------------------------------------------------------------------------------------
-    def generate(self, prompt, params: SamplingParams | None = None) -> Completion | list[Completion]:
-        """A prompt (text or token ids) gives a Completion; a list of prompts gives a list, in order."""
-        prompts, single = self._encode(prompt)
-        params = params or SamplingParams()
+    def generate(self, prompt, params: SamplingParams | Mapping | None = None) -> Completion | list[Completion]:
+        """A prompt (text or token ids) gives a Completion; a batch of prompts gives a list, in order.
+
+        prompt: one prompt is a str, a list of token ids or a 1-D integer numpy array; a batch is a list of those or
+        a 2-D integer array (batch, seq) (see prompt_token_ids). params: a SamplingParams, a dict of its fields, or
+        None for default_params(), the model's generation config. The same holds for stream() and tokens().
+        Prompt + max_new_tokens beyond the model's context is a ContextLengthError (no clamping here).
+        """
+        prompts, single = self.prompt_ids(prompt)
+        params = self._params(params)
         start = time.perf_counter()
         first = last = None
         sequences: list[Sequence] = []
@@ -109,21 +115,21 @@ class Engine:
         completions = [self._completion(s, start, first, last) for s in sequences]
         return completions[0] if single else completions
 
-    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt, params: SamplingParams | Mapping | None = None) -> Iterator[str]:
         """Yields text pieces of one prompt as they decode. Closing the iterator early ends the request."""
-        prompts, single = self._encode(prompt)
+        prompts, single = self.prompt_ids(prompt)
         if not single:
             raise InvalidPromptError("stream() takes one prompt; use generate() for a list of prompts")
-        for (sequence,) in self._decode(prompts, params or SamplingParams()):
+        for (sequence,) in self._decode(prompts, self._params(params)):
             piece = sequence.streamable()
             if piece:
                 yield piece
 
-    def tokens(self, prompt, params: SamplingParams | None = None) -> Iterator[tuple[int | None, ...]]:
+    def tokens(self, prompt, params: SamplingParams | Mapping | None = None) -> Iterator[tuple[int | None, ...]]:
         """The decode loop at token level: after each step, the new id of every prompt (None once it finished)."""
-        prompts, _ = self._encode(prompt)
+        prompts, _ = self.prompt_ids(prompt)
         counts = [0] * len(prompts)
-        for sequences in self._decode(prompts, params or SamplingParams()):
+        for sequences in self._decode(prompts, self._params(params)):
             step = []
             for row, seq in enumerate(sequences):
                 fresh = len(seq.token_ids) > counts[row]
@@ -134,7 +140,30 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise InvalidPromptError(f"{self.directory} has no tokenizer; pass token ids instead of text")
+        _check_text(text, "text")
         return self.tokenizer.encode(text)
+
+    def prompt_ids(self, prompt) -> tuple[list[list[int]], bool]:
+        """The token ids of each prompt, checked against the vocabulary, and whether `prompt` was one prompt.
+
+        The one rule for what generate, stream and tokens accept: see prompt_token_ids().
+        """
+        return prompt_token_ids(prompt, self.manifest.vocab_size, self.encode)
+
+    def default_params(self, **overrides) -> SamplingParams:
+        """The SamplingParams used when params is None: the model's generation config, with `overrides` on top.
+
+        fastllm.json's `generation` holds the source's Hugging Face generation_config (do_sample, temperature,
+        top_k, top_p, repetition_penalty): do_sample false or absent is greedy, fields it does not set keep
+        SamplingParams' defaults (see SamplingParams.from_generation_config).
+        """
+        try:
+            params = SamplingParams.from_generation_config(self.manifest.generation or {})
+        except InvalidParameterError as e:
+            raise ManifestError(f"fastllm.json's generation config {self.manifest.generation} is not usable ({e}); "
+                                f"pass params explicitly, or fix `generation` in {self.directory / 'fastllm.json'}"
+                                ) from None
+        return params.replace(**overrides) if overrides else params
 
     # -- the one decode loop ----------------------------------------------------------------------------------
     def _decode(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[Sequence]]:
@@ -169,26 +198,8 @@ class Engine:
             binding.clear_binding_outputs()
 
     # -- helpers ----------------------------------------------------------------------------------------------
-    def _encode(self, prompt) -> tuple[list[list[int]], bool]:
-        if isinstance(prompt, str) or _is_id_list(prompt):
-            single, prompts = True, [prompt]
-        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) or _is_id_list(p) for p in prompt):
-            single, prompts = False, list(prompt)
-        else:
-            raise InvalidPromptError(f"prompt must be a string, a list of token ids, or a non-empty list of those; "
-                                     f"got {type(prompt).__name__}")
-        encoded = []
-        for i, p in enumerate(prompts):
-            name = "prompt" if single else f"prompt {i}"
-            if len(p) == 0:
-                raise InvalidPromptError(f"{name} is empty; give at least one character or token id")
-            ids = self.encode(p) if isinstance(p, str) else [int(t) for t in p]
-            bad = [t for t in ids if not 0 <= t < self.manifest.vocab_size]
-            if bad:
-                raise InvalidPromptError(f"{name} has token ids outside the vocabulary [0, "
-                                         f"{self.manifest.vocab_size}): {bad[:5]}")
-            encoded.append(ids)
-        return encoded, single
+    def _params(self, params) -> SamplingParams:
+        return self.default_params() if params is None else as_params(params)
 
     def _check_fits(self, prompts: list[list[int]], params: SamplingParams) -> None:
         limit = self.manifest.max_context
@@ -218,9 +229,91 @@ class Engine:
         )
 
 
-def _is_id_list(value) -> bool:
-    return isinstance(value, (list, tuple, np.ndarray)) and all(
-        isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in value)
+# -- prompts ------------------------------------------------------------------------------------------------------
+ONE_PROMPT = "a string, a list of token ids or a 1-D integer numpy array"
+
+
+def prompt_token_ids(prompt, vocab_size: int, encode: Callable[[str], list[int]]) -> tuple[list[list[int]], bool]:
+    """Token ids per prompt, and whether `prompt` was one prompt.
+
+    One prompt: a str (encoded with `encode`), a list or tuple of int token ids, or a 1-D integer array.
+    A batch: a list or tuple of those, or a 2-D integer array of shape (batch, seq), (1, seq) included.
+    Anything else, text that is not valid Unicode, an empty prompt or an id outside [0, vocab_size) is an
+    InvalidPromptError naming the prompt and what to change.
+    """
+    if isinstance(prompt, np.ndarray) and prompt.ndim == 2:
+        _check_id_array(prompt, "prompt")
+        rows, single = list(prompt), False
+    elif isinstance(prompt, (list, tuple)) and any(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt):
+        rows, single = list(prompt), False
+    else:
+        rows, single = [prompt], True
+    encoded = []
+    for i, row in enumerate(rows):
+        name = "prompt" if single else f"prompt {i}"
+        ids = _one_prompt(row, name, encode)
+        bad = [(at, t) for at, t in enumerate(ids) if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidPromptError(f"{name} has token ids outside the vocabulary [0, {vocab_size}): "
+                                     f"{[t for _, t in bad[:5]]} at positions {[at for at, _ in bad[:5]]}; "
+                                     "use ids of this model's tokenizer")
+        encoded.append(ids)
+    return encoded, single
+
+
+def _one_prompt(prompt, name: str, encode: Callable[[str], list[int]]) -> list[int]:
+    if isinstance(prompt, str):
+        _check_nonempty(prompt, name)
+        _check_text(prompt, name)
+        ids = encode(prompt)
+        if not ids:
+            raise InvalidPromptError(f"{name} {prompt!r} encodes to no tokens; give some text or token ids")
+        return ids
+    if isinstance(prompt, np.ndarray):
+        if prompt.ndim != 1:
+            raise InvalidPromptError(f"{name} is an array of shape {prompt.shape}; one prompt is 1-D (seq,), a batch "
+                                     "is one 2-D array (batch, seq) or a list of 1-D prompts")
+        _check_id_array(prompt, name)
+        return prompt.tolist()
+    if isinstance(prompt, (list, tuple)):
+        _check_nonempty(prompt, name)
+        for at, t in enumerate(prompt):
+            if not isinstance(t, (int, np.integer)) or isinstance(t, (bool, np.bool_)):
+                raise InvalidPromptError(f"{name} has {t!r} of type {type(t).__name__} at position {at}; token ids "
+                                         "are integers")
+        return [int(t) for t in prompt]
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise InvalidPromptError(f"{name} is {type(prompt).__name__}; decode it to str first "
+                                 "(prompt.decode('utf-8')) or pass token ids")
+    raise InvalidPromptError(f"{name} must be {ONE_PROMPT} (a batch: a list of those, or a 2-D integer array); "
+                             f"got {type(prompt).__name__}")
+
+
+def _check_nonempty(prompt, name: str) -> None:
+    if len(prompt) == 0:
+        raise InvalidPromptError(f"{name} is empty; give at least one character or token id")
+
+
+def _check_id_array(ids: np.ndarray, name: str) -> None:
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise InvalidPromptError(f"{name} is an array of {ids.dtype}; token ids must be an integer array "
+                                 "(e.g. np.int64)")
+    if ids.size == 0:
+        raise InvalidPromptError(f"{name} is an empty array of shape {ids.shape}; give at least one token id")
+
+
+def _check_text(text: str, name: str) -> None:
+    """Refuse text that cannot be UTF-8 encoded (lone surrogates, e.g. undecodable bytes of sys.argv).
+
+    Replacing them would silently change the prompt.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidPromptError(
+            f"{name} is not valid Unicode: {text[e.start]!r} at character {e.start} is a lone surrogate (often a "
+            "byte that was not UTF-8, e.g. in a command-line argument or a file read with errors='surrogateescape'); "
+            "give the text as UTF-8 or pass token ids") from None
 
 
 def load(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None) -> Engine:

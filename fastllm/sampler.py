@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +24,26 @@ def _is_int(value) -> bool:
 def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
         and math.isfinite(value)
+
+
+def _got(value, ok_type: bool = True) -> str:
+    """`got 1.5`, or `got '0.5' of type str` when the type is the problem."""
+    return f"got {value!r}" if ok_type else f"got {value!r} of type {type(value).__name__}"
+
+
+def _strings(value, name: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    _check(isinstance(value, (list, tuple)), f"{name} must be a string or a list of strings, {_got(value, False)}")
+    return tuple(value)
+
+
+def _ints(value, name: str) -> tuple:
+    if _is_int(value):
+        return (value,)
+    _check(isinstance(value, (list, tuple, np.ndarray)),
+           f"{name} must be an integer or a list of integers, {_got(value, False)}")
+    return tuple(value.tolist() if isinstance(value, np.ndarray) else value)
 
 
 @dataclass(frozen=True)
@@ -47,32 +69,84 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", _strings(self.stop, "stop"))
+        object.__setattr__(self, "stop_token_ids", _ints(self.stop_token_ids, "stop_token_ids"))
         _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
-               f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+               f"max_new_tokens must be an integer >= 1, {_got(self.max_new_tokens, _is_int(self.max_new_tokens))}")
         _check(_is_number(self.temperature) and self.temperature >= 0,
-               f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        _check(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
+               f"temperature must be >= 0 (0 = greedy), {_got(self.temperature, _is_number(self.temperature))}")
+        _check(_is_int(self.top_k) and self.top_k >= 0,
+               f"top_k must be an integer >= 0 (0 = off), {_got(self.top_k, _is_int(self.top_k))}")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1,
+               f"top_p must be in (0, 1], {_got(self.top_p, _is_number(self.top_p))}")
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1,
+               f"min_p must be in [0, 1], {_got(self.min_p, _is_number(self.min_p))}")
         _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
-               f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+               f"repetition_penalty must be > 0 (1 = off), "
+               f"{_got(self.repetition_penalty, _is_number(self.repetition_penalty))}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _check(_is_number(value) and -2 <= value <= 2, f"{name} must be in [-2, 2], got {value!r}")
+            _check(_is_number(value) and -2 <= value <= 2,
+                   f"{name} must be in [-2, 2], {_got(value, _is_number(value))}")
         _check(all(isinstance(s, str) and s for s in self.stop),
                f"stop must be non-empty strings, got {self.stop!r}")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        _check(isinstance(self.ignore_eos, (bool, np.bool_)),
+               f"ignore_eos must be True or False, {_got(self.ignore_eos, False)}")
+        seed_type_ok = self.seed is None or _is_int(self.seed)
         _check(self.seed is None or _is_int(self.seed) and self.seed >= 0,
-               f"seed must be a non-negative integer or None, got {self.seed!r}")
+               f"seed must be a non-negative integer or None, {_got(self.seed, seed_type_ok)}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping) -> SamplingParams:
+        """SamplingParams(**values), refusing names it does not have (they would otherwise be a bare TypeError)."""
+        _check_names(values, "params")
+        return cls(**values)
+
+    @classmethod
+    def from_generation_config(cls, config: Mapping) -> SamplingParams:
+        """The defaults a model ships in its Hugging Face generation_config (fastllm.json `generation`).
+
+        do_sample false or absent is greedy (temperature 0), as in transformers; do_sample true samples at the
+        config's temperature (1.0 when it sets none), top_k and top_p. repetition_penalty applies either way.
+        Fields the config does not set keep this class's defaults.
+        """
+        names = ("temperature", "top_k", "top_p") if config.get("do_sample") else ()
+        fields = {name: config[name] for name in names if config.get(name) is not None}
+        if config.get("do_sample"):
+            fields.setdefault("temperature", 1.0)
+        if config.get("repetition_penalty") is not None:
+            fields["repetition_penalty"] = config["repetition_penalty"]
+        return cls(**fields)
+
+    def replace(self, **changes) -> SamplingParams:
+        """A copy with `changes` applied (checked like a new SamplingParams)."""
+        _check_names(changes, "replace()")
+        return dataclasses.replace(self, **changes)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def _check_names(values: Mapping, where: str) -> None:
+    unknown = [k for k in values if k not in FIELDS]
+    _check(not unknown, f"{where} has unknown field(s) {', '.join(map(repr, unknown))}; the fields of SamplingParams "
+                        f"are {', '.join(FIELDS)}")
+
+
+def as_params(value) -> SamplingParams:
+    """What generate/stream/tokens accept as params besides None: a SamplingParams or a mapping of its fields."""
+    if isinstance(value, SamplingParams):
+        return value
+    if isinstance(value, Mapping):
+        return SamplingParams.from_mapping(value)
+    raise InvalidParameterError(f"params must be a SamplingParams, a dict of its fields or None, got "
+                                f"{type(value).__name__}")
 
 
 class TokenHistory:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import fastllm
@@ -65,7 +66,7 @@ def test_manifest_that_disagrees_with_the_graph(exported, tmp_path):
 def test_corrupt_graph(exported, tmp_path):
     model = copy_model(exported, tmp_path)
     (model / "model.onnx").write_bytes(b"\x00garbage" * 100)
-    with pytest.raises(fastllm.ModelLoadError, match="onnxruntime could not load.*re-export"):
+    with pytest.raises(fastllm.ModelLoadError, match="onnxruntime .*could not load.*re-export"):
         fastllm.load(model)
 
 
@@ -106,8 +107,76 @@ def test_empty_prompts(engines):
 
 
 def test_token_ids_outside_the_vocabulary(engines):
-    with pytest.raises(fastllm.InvalidPromptError, match=r"outside the vocabulary \[0, 512\): \[9999\]"):
+    with pytest.raises(fastllm.InvalidPromptError,
+                       match=r"outside the vocabulary \[0, 512\): \[9999\] at positions \[1\]"):
         engines["GPT2LMHeadModel"].generate([5, 9999])
+
+
+def test_text_with_a_lone_surrogate_is_refused_naming_the_position(engines):
+    # what sys.argv holds for the bytes b"abc\xff"; replacing it would silently change the prompt
+    with pytest.raises(fastllm.InvalidPromptError, match=r"prompt is not valid Unicode: '\\udcff' at character 3"):
+        engines["GPT2LMHeadModel"].generate("abc\udcff")
+
+
+@pytest.mark.parametrize("prompt, message", [
+    (b"hello", r"prompt is bytes; decode it to str first \(prompt.decode\('utf-8'\)\) or pass token ids"),
+    (None, "prompt must be a string, a list of token ids or a 1-D integer numpy array.*got NoneType"),
+    (5, "got int"),
+    ([5, True], "prompt has True of type bool at position 1; token ids are integers"),
+    ([5, 6.0], "prompt has 6.0 of type float at position 1"),
+    (["ok", 5], "prompt 1 must be a string"),
+    (np.array([5.0, 6.0]), "prompt is an array of float64; token ids must be an integer array"),
+    (np.zeros((1, 2, 3), dtype=np.int64), r"prompt is an array of shape \(1, 2, 3\); one prompt is 1-D"),
+    (np.array([], dtype=np.int64), r"prompt is an empty array of shape \(0,\)"),
+    (np.zeros((2, 0), dtype=np.int64), r"prompt is an empty array of shape \(2, 0\)"),
+    (np.array([5, -1]), r"prompt has token ids outside the vocabulary \[0, 512\): \[-1\] at positions \[1\]"),
+    (np.array([[5, 6], [7, 512]]), r"prompt 1 has token ids outside the vocabulary \[0, 512\): \[512\]"),
+])
+def test_bad_prompts_name_what_is_wrong(engines, prompt, message):
+    with pytest.raises(fastllm.InvalidPromptError, match=message):
+        engines["GPT2LMHeadModel"].generate(prompt)
+
+
+def test_numpy_token_ids(engines):
+    engine, params = engines["GPT2LMHeadModel"], fastllm.SamplingParams(max_new_tokens=5)
+    rows = [[5, 6, 7], [8, 9, 10]]
+    alone = [engine.generate(r, params) for r in rows]
+    assert engine.generate(np.array(rows[0], dtype=np.int32), params).token_ids == alone[0].token_ids  # 1-D: one
+    assert [c.token_ids for c in engine.generate(np.array(rows), params)] == [c.token_ids for c in alone]  # (B, S)
+    assert [c.token_ids for c in engine.generate(np.array(rows[:1]), params)] == [alone[0].token_ids]  # (1, S): a list
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"temperature": "0.5"}, "temperature must be >= 0 .*got '0.5' of type str"),
+    ({"max_new_tokens": 1.5}, "max_new_tokens must be an integer >= 1, got 1.5 of type float"),
+    ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 1, got True of type bool"),
+    ({"top_k": True}, "top_k must be an integer >= 0 .*got True of type bool"),
+    ({"stop": 5}, "stop must be a string or a list of strings, got 5 of type int"),
+    ({"stop_token_ids": [True]}, r"stop_token_ids must be non-negative integers, got \(True,\)"),
+    ({"seed": 1.0}, "seed must be a non-negative integer or None, got 1.0 of type float"),
+    ({"ignore_eos": 1}, "ignore_eos must be True or False, got 1 of type int"),
+    ({"presence_penalty": None}, r"presence_penalty must be in \[-2, 2\], got None of type NoneType"),
+])
+def test_parameters_of_the_wrong_type_name_field_and_value(kw, message):
+    with pytest.raises(fastllm.InvalidParameterError, match=message):
+        fastllm.SamplingParams(**kw)
+
+
+def test_params_as_a_dict_are_sampling_params(engines):
+    engine = engines["GPT2LMHeadModel"]
+    from_dict = engine.generate("Return", {"max_new_tokens": 6, "temperature": 0.9, "seed": 4})
+    expected = engine.generate("Return", fastllm.SamplingParams(max_new_tokens=6, temperature=0.9, seed=4))
+    assert from_dict.token_ids == expected.token_ids
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"max_tokens": 5}, "params has unknown field.*'max_tokens'.*fields of SamplingParams are max_new_tokens, temp"),
+    (5, "params must be a SamplingParams, a dict of its fields or None, got int"),
+    ({"top_p": 2}, r"top_p must be in \(0, 1\], got 2"),
+])
+def test_bad_params(engines, params, message):
+    with pytest.raises(fastllm.InvalidParameterError, match=message):
+        engines["GPT2LMHeadModel"].generate("Return", params)
 
 
 def test_prompt_longer_than_the_context(engines):
@@ -132,7 +201,7 @@ def run_cli(*args):
     (["--top-k", "-2"], "top_k must be an integer >= 0"),
     (["--min-p", "2"], "min_p must be in [0, 1]"),
     (["--repetition-penalty", "0"], "repetition_penalty must be > 0"),
-    (["--max-new-tokens", "1000"], "exceeds the model's context of 256"),
+    (["--presence-penalty", "3"], "presence_penalty must be in [-2, 2], got 3.0"),
 ])
 def test_cli_reports_bad_parameters_on_one_line(exported, args, message):
     result = run_cli("generate", exported["GPT2LMHeadModel"][1], "hello", *args)

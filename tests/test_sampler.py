@@ -121,3 +121,41 @@ def test_top_k_one_equals_greedy_end_to_end(engines):
 def test_invalid_parameters_name_field_and_value(field, value, message):
     with pytest.raises(fastllm.InvalidParameterError, match=message):
         SamplingParams(**{field: value})
+
+
+# -- defaults from the model's generation config ----------------------------------------------------------------------
+@pytest.mark.parametrize("config, expected", [
+    ({}, SamplingParams()),
+    ({"do_sample": False, "temperature": 0.6, "top_k": 20}, SamplingParams()),  # greedy, as in transformers
+    ({"do_sample": False, "repetition_penalty": 1.2}, SamplingParams(repetition_penalty=1.2)),
+    ({"do_sample": True}, SamplingParams(temperature=1.0)),
+    ({"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9},
+     SamplingParams(temperature=0.7, top_k=20, top_p=0.9)),
+])
+def test_params_from_a_generation_config(config, expected):
+    assert SamplingParams.from_generation_config(config) == expected
+
+
+def with_generation(engine, generation: dict) -> fastllm.Engine:
+    import dataclasses
+
+    manifest = dataclasses.replace(engine.manifest, generation=generation)
+    return fastllm.Engine(engine.directory, manifest, engine.session, engine.tokenizer)
+
+
+def test_params_none_uses_the_models_generation_config(engines):
+    engine = with_generation(engines["GPT2LMHeadModel"], {"do_sample": False, "repetition_penalty": 1.5})
+    assert engine.default_params() == SamplingParams(repetition_penalty=1.5)
+    assert engine.generate("Return the").token_ids == \
+        engine.generate("Return the", SamplingParams(repetition_penalty=1.5)).token_ids
+
+
+def test_default_params_overrides_change_one_field(engines):
+    engine = with_generation(engines["GPT2LMHeadModel"], {"do_sample": True, "temperature": 0.7, "top_k": 20})
+    assert engine.default_params(temperature=0.2, seed=1) == SamplingParams(temperature=0.2, top_k=20, seed=1)
+
+
+def test_an_unusable_generation_config_is_a_manifest_error(engines):
+    engine = with_generation(engines["GPT2LMHeadModel"], {"do_sample": True, "top_p": 0.0})
+    with pytest.raises(fastllm.ManifestError, match=r"generation config .*top_p must be in \(0, 1\].*pass params"):
+        engine.generate("Return")

@@ -1,0 +1,7 @@
+"""`python -m fastllm`: the `fastllm` command."""
+
+import sys
+
+from fastllm.cli import main
+
+sys.exit(main())
