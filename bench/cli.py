@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import Path
 
 from fastllm.bench.errors import BenchError
+from fastllm.bench.shapes import PRECISIONS
 
 EXAMPLE = "fastllm bench --shape smollm2-135m --shape gpt2 --prompt-lengths 32,128 --new-tokens 64 --runs 3"
 
@@ -39,8 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--graphs", default="fused,portable",
                    help="fastllm graph kinds to export and time for each shape (comma-separated)")
     p.add_argument("--precisions", default="fp32",
-                   help="fastllm precisions built and timed per graph kind (comma-separated): fp32, int8, "
-                        "int8-dynamic, int4 (quantized from the fp32 export with `fastllm quantize`)")
+                   help="fastllm precisions built and timed per graph kind (comma-separated): "
+                        f"{', '.join(PRECISIONS)} (quantized from the fp32 export with `fastllm quantize`)")
     p.add_argument("--prompt-lengths", default=",".join(map(str, d.prompt_lengths)),
                    help="comma-separated; lengths that do not fit the context with the new tokens are left out")
     p.add_argument("--new-tokens", type=int, default=d.new_tokens)

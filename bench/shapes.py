@@ -21,11 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastllm.bench.errors import BenchError
+from fastllm.export.precision import variants
 
 Progress = Callable[[str], None]
 SEED = 0  # weights are random but the same on every run
-PRECISIONS = {"fp32": None, "int8": ("int8", "weight-only"), "int8-dynamic": ("int8", "dynamic"),
-              "int4": ("int4", "weight-only")}  # --precisions -> (precision, method) of `fastllm quantize`
+# --precisions -> (precision, method) of `fastllm quantize`: fp32, int8, int8-dynamic, int4
+PRECISIONS = {"fp32": None, **variants()}
 STAMP = ".exporter"  # in each built model directory: the exporter fingerprint it was built with
 
 
@@ -144,12 +145,13 @@ def build(shape: Shape, work_dir: str | Path, *, graphs: tuple[str, ...] = ("fus
 
 
 def _quantize(shape: Shape, src: Path, out: Path, precision: str, progress: Progress) -> None:
-    from fastllm.export.quantize import QuantOptions, quantize_model
+    from fastllm.export.precision import QuantOptions
+    from fastllm.export.quantize import quantize_model
     from fastllm.train.corpus import held_out_text
 
-    bits, method = PRECISIONS[precision]
+    name, method = PRECISIONS[precision]
     progress(f"{shape.name}: quantizing {src.name} to {precision} -> {out}")
-    quantize_model(src, out, QuantOptions(bits, method=method), text=held_out_text()[:4000], force=True,
+    quantize_model(src, out, QuantOptions(name, method=method), text=held_out_text()[:4000], force=True,
                    overwrite=True, progress=lambda line: progress(f"{shape.name}: quantize: {line}"))
 
 

@@ -7,6 +7,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fastllm.export.precision import KEEP, METHODS, PRECISIONS, QUANTIZED
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="export a Hugging Face model directory to a verified fastllm model",
@@ -19,9 +21,10 @@ def register(subparsers) -> None:
     p.add_argument("--graph", choices=("fused", "portable"), default=None,
                    help="fused: ONNX Runtime contrib ops, KV cache written in place (default where it applies); "
                         "portable: plain ONNX ops")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
-                   help="fp32 (default; CPU), fp16 (for CUDA), or int8 / int4 weight-only (exported in fp32, then "
-                        "quantized with a quality report and gate, as `fastllm quantize`)")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                   help="; ".join(f"{name}: {p.purpose}" for name, p in PRECISIONS.items())
+                   + f". {' and '.join(QUANTIZED)} are quantized from the fp32 graph, with a quality report and gate "
+                     "(as `fastllm quantize`)")
     add_quant_options(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it is a fastllm model directory holding only model files")
@@ -30,11 +33,14 @@ def register(subparsers) -> None:
 
 
 def add_quant_options(p) -> None:
-    q = p.add_argument_group("quantization (int8 / int4)")
-    q.add_argument("--method", choices=("weight-only", "dynamic"), default=None,
-                   help="weight-only: block-wise MatMulNBits (int8 and int4); dynamic: int8 MatMulInteger with "
-                        "activations quantized per call (int8 only). Default: weight-only")
-    q.add_argument("--block-size", type=int, default=None, help="weights per scale (default: int4 32, int8 128)")
+    quantized = [PRECISIONS[name] for name in QUANTIZED]
+    q = p.add_argument_group(f"quantization ({' / '.join(QUANTIZED)})")
+    q.add_argument("--method", choices=METHODS, default=None,
+                   help="weight-only: block-wise MatMulNBits; dynamic: int8 MatMulInteger with activations quantized "
+                        "per call. Available: " + "; ".join(f"{p.name} {', '.join(p.methods)}" for p in quantized)
+                        + " (the first is the default)")
+    q.add_argument("--block-size", type=int, default=None,
+                   help="weights per scale (default: " + ", ".join(f"{p.name} {p.block_size}" for p in quantized) + ")")
     q.add_argument("--asymmetric", action="store_true", help="zero points per block (default: symmetric)")
     q.add_argument("--accuracy-level", type=int, default=4,
                    help="MatMulNBits compute type: 4 = int8 (default; fast on VNNI/AMX), 0 = fp32")
@@ -42,23 +48,23 @@ def add_quant_options(p) -> None:
     q.add_argument("--keep-embedding", action="store_true",
                    help="leave the embedding lookup in fp32 (default: block-quantized, sharing the LM head's "
                         "quantized weight when they are tied)")
-    q.add_argument("--mixed", choices=("int8", "fp32"), default=None,
+    q.add_argument("--mixed", choices=KEEP, default=None,
                    help="mixed precision: measure each MatMul's sensitivity and keep the most sensitive ones in "
-                        "int8 (or fp32) until perplexity on calibration text is within --max-ppl-increase")
+                        f"{' or '.join(KEEP)} until perplexity on calibration text is within --max-ppl-increase")
     q.add_argument("--calibration-text", default=None,
                    help="text for --mixed (default: the training split of the project's corpus)")
     q.add_argument("--max-ppl-increase", type=float, default=None,
-                   help="quality gate: relative perplexity increase allowed (default: int8 0.01, int4 0.05)")
+                   help="quality gate: relative perplexity increase allowed (default: "
+                        + ", ".join(f"{p.name} {p.max_ppl_increase}" for p in quantized) + ")")
     q.add_argument("--text", default=None, help="text for the perplexity check (default: the held-out split of the "
                                                 "project's Python documentation corpus)")
     q.add_argument("--force", action="store_true", help="write the model even if it fails the quality gate")
 
 
 def quant_options(args):
-    from fastllm.export.quantize import QuantOptions
+    from fastllm.export.precision import QuantOptions
 
-    method = {} if args.method is None else {"method": args.method}
-    return QuantOptions(args.precision, **method, block_size=args.block_size, symmetric=not args.asymmetric,
+    return QuantOptions(args.precision, method=args.method, block_size=args.block_size, symmetric=not args.asymmetric,
                         accuracy_level=args.accuracy_level, lm_head=not args.keep_lm_head,
                         embedding=not args.keep_embedding, mixed=args.mixed, max_ppl_increase=args.max_ppl_increase)
 
@@ -87,7 +93,7 @@ def run(args) -> int:
 
         raise FastLLMError(f"`fastllm export` needs the export extra ({e.name} is missing): "
                            "pip install torch==2.13.0 'fastllm[export]'") from None
-    if args.precision in ("int8", "int4"):  # export fp32 beside OUT, then quantize it into OUT
+    if PRECISIONS[args.precision].quantized:  # export fp32 beside OUT, then quantize it into OUT
         from fastllm.export.quantize import quantize_model
 
         options = quant_options(args)  # checked before any work
@@ -123,7 +129,8 @@ def describe_quality(manifest) -> str:
 
 
 def register_quantize(subparsers) -> None:
-    p = subparsers.add_parser("quantize", help="quantize an exported fp32 model to int8 / int4, with a quality gate",
+    p = subparsers.add_parser("quantize", help=f"quantize an exported fp32 model to {' / '.join(QUANTIZED)}, with a "
+                                               "quality gate",
                               description="Quantization (weight-only, or dynamic int8; optionally mixed "
                                           "precision) of the fp32 model directory SRC into OUT. Measures "
                                           "perplexity, greedy agreement, |Δlogits| and KL against SRC, stores the "
@@ -131,7 +138,7 @@ def register_quantize(subparsers) -> None:
                                           "perplexity rises more than the budget, unless --force.")
     p.add_argument("src", help="fastllm model directory, fp32")
     p.add_argument("out")
-    p.add_argument("--precision", choices=("int8", "int4"), required=True)
+    p.add_argument("--precision", choices=QUANTIZED, required=True)
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it is a fastllm model directory holding only model files")
     add_quant_options(p)

@@ -66,8 +66,8 @@ def sensitivities(src: Path, light: onnx.ModelProto, candidates: list[str], opti
     reference = [log_softmax(prompt_logits(reference_engine, x)) for x in windows]
     result, t0 = {}, time.perf_counter()
     for i, name in enumerate(candidates):
-        result[name] = mean_kl(reference, load_probe(directory, weight_only(light, src, {name: options.bits},
-                                                                           options)), windows)
+        probe = load_probe(directory, weight_only(light, src, {name: options.precision}, options))
+        result[name] = mean_kl(reference, probe, windows)
         if (i + 1) % 10 == 0 or i + 1 == len(candidates):
             progress(f"mixed: sensitivity of {i + 1}/{len(candidates)} MatMuls measured "
                      f"({time.perf_counter() - t0:.0f}s)")
@@ -86,13 +86,12 @@ def choose(src: Path, options, calibration_text: str, scratch: Path, progress) -
     order = sorted(candidates, key=lambda n: -kl[n])
     window = min(256, reference.manifest.max_context)
     base = perplexity(reference, ids, window=window).ppl
-    higher = None if options.mixed == "fp32" else 8
     measured: dict[int, float] = {}
 
     def increase(k: int) -> float:
         if k not in measured:
-            assignment = {n: options.bits for n in order[k:]}
-            assignment.update({n: higher for n in order[:k] if higher})
+            assignment = {n: options.precision for n in order[k:]}
+            assignment.update({n: options.mixed for n in order[:k] if options.mixed != "fp32"})
             engine = load_probe(directory, weight_only(light, src, assignment, options))
             measured[k] = perplexity(engine, ids, window=window).ppl / base - 1
             progress(f"mixed: {k} kept in {options.mixed} -> calibration perplexity {measured[k]:+.2%}")

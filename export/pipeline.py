@@ -21,7 +21,8 @@ from fastllm.export import trace as trace_stage
 from fastllm.export.decoder import DecoderLM
 from fastllm.export.fused import fused_supported
 from fastllm.export.optimize import optimize
-from fastllm.export.precision import PRECISIONS, TOLERANCE, to_fp16
+from fastllm.export.fp16 import to_fp16
+from fastllm.export.precision import PRECISIONS
 from fastllm.export.registry import Adapted, adapter_for
 from fastllm.export.staging import check_destination, staging
 from fastllm.export.verify import VerifyReport, verify
@@ -183,8 +184,9 @@ def export_pretrained(model, out, *, tokenizer=None, graph: str | None = None, p
     """Export an in-memory transformers causal LM to the model directory OUT, verified against the model itself."""
     out = Path(out)
     check_destination(out, overwrite)
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in PRECISIONS or PRECISIONS[precision].quantized:
+        traced = [name for name, p in PRECISIONS.items() if not p.quantized]
+        raise ExportError(f"precision must be one of {', '.join(traced)}, got {precision!r}")
     t0 = time.perf_counter()
     with staging(out, "export") as tmp:
         model = model.float().eval()
@@ -208,7 +210,7 @@ def export_pretrained(model, out, *, tokenizer=None, graph: str | None = None, p
                             kind, precision, optimized, write_tokenizer(tokenizer, tmp), source)
         manifest.write(tmp)
         progress("verify: logits and greedy tokens against PyTorch")
-        report: VerifyReport = verify(model, tmp, threads=threads, rtol=TOLERANCE[precision])
+        report: VerifyReport = verify(model, tmp, threads=threads, rtol=PRECISIONS[precision].tolerance)
         progress(f"verify: max |Δlogits| {report.max_abs_diff:.2e} (tolerance {report.tolerance:.2e}), "
                  f"greedy {report.new_tokens} tokens identical")
         manifest = dataclasses.replace(manifest, verification=report.to_dict())

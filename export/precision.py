@@ -1,23 +1,100 @@
-"""Stage: change the precision of an exported graph. fp16 is for CUDA: weights, activations and the KV cache in
-float16 (ONNX Runtime's converter, with logits kept float32 for sampling on the host)."""
+"""The precisions a model can be exported in, defined once, and the options of a quantized export.
+
+Everything that offers or checks a precision reads `PRECISIONS`: the export pipeline, quantization, the CLI's
+choices and help, the bench. The runtime reads precision names from the manifest (fastllm/manifest.py keeps its own
+list, as it may not import this package; tests/test_structure.py checks that the two agree).
+
+Pure Python, no torch or onnx: the CLI builds its parser from this module before any export runs.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
-import onnx
-from fastllm.export.trace import DATA_FILE, GRAPH_FILE
-
-PRECISIONS = ("fp32", "fp16")
-# Verification tolerance on logits, relative to max(1, max |logit|), per precision.
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+from fastllm.errors import ExportError
 
 
-def to_fp16(directory: Path) -> None:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    bits: int  # of each weight
+    purpose: str  # for --help
+    tolerance: float | None = None  # verification against PyTorch: max |Δlogits| / max(1, max |logit|)
+    methods: tuple[str, ...] = ()  # quantization methods, the default first; none: the graph is traced in it
+    block_size: int | None = None  # default weights per scale (weight-only)
+    max_ppl_increase: float | None = None  # default quality gate: relative perplexity increase allowed
 
-    model = onnx.load(str(directory / GRAPH_FILE), load_external_data=True)
-    model = convert_float_to_float16(model, keep_io_types=["logits"])
-    (directory / DATA_FILE).unlink()
-    onnx.save_model(model, str(directory / GRAPH_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
+    @property
+    def quantized(self) -> bool:
+        """Quantized from an fp32 graph, judged by a quality report against it (not by a tolerance)."""
+        return bool(self.methods)
+
+
+# Block sizes chosen by measurement (smollm2-135m shape, 2 threads, TPOT): int4 symmetric blocks of 32 with int8
+# compute 5.4 ms (asymmetric 6.6, fp32 compute 10.1); int8 blocks of 128 with int8 compute 8.4 ms (blocks of 32:
+# 9.2; fp32 compute: 213).
+PRECISIONS = {p.name: p for p in (
+    Precision("fp32", 32, "CPU (default)", tolerance=1e-4),
+    Precision("fp16", 16, "for CUDA (weights, activations and KV cache in float16, logits float32)",
+              tolerance=1e-2),
+    Precision("int8", 8, "weight-only or dynamic int8", methods=("weight-only", "dynamic"), block_size=128,
+              max_ppl_increase=0.01),
+    Precision("int4", 4, "weight-only int4", methods=("weight-only",), block_size=32, max_ppl_increase=0.05),
+)}
+QUANTIZED = tuple(name for name, p in PRECISIONS.items() if p.quantized)
+METHODS = tuple(dict.fromkeys(m for p in PRECISIONS.values() for m in p.methods))
+# what --mixed may keep the most sensitive MatMuls in: a weight-only precision above the lowest one, or fp32
+KEEP = tuple(sorted((name for name, p in PRECISIONS.items() if (name == "fp32" or "weight-only" in p.methods)
+                     and p.bits > min(PRECISIONS[q].bits for q in QUANTIZED)), key=lambda name: PRECISIONS[name].bits))
+
+
+def variants() -> dict[str, tuple[str, str]]:
+    """Each quantized precision and method under one name, the default method bare: {"int8": ("int8",
+    "weight-only"), "int8-dynamic": ("int8", "dynamic"), "int4": ("int4", "weight-only")}."""
+    return {p.name if m == p.methods[0] else f"{p.name}-{m}": (p.name, m)
+            for p in PRECISIONS.values() for m in p.methods}
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    precision: str  # one of QUANTIZED
+    method: str | None = None  # None: the precision's default (its first method)
+    block_size: int | None = None  # None: the precision's default
+    symmetric: bool = True
+    accuracy_level: int = 4  # 4: int8 compute (VNNI / AMX on x86), 0: fp32 compute
+    lm_head: bool = True  # quantize the LM head too
+    embedding: bool = True  # quantize the embedding lookup (shares the LM head's bytes when tied)
+    mixed: str | None = None  # one of KEEP: keep the most sensitive MatMuls there to meet the budget
+    max_ppl_increase: float | None = None  # None: the precision's default budget
+
+    def __post_init__(self):
+        if self.precision not in QUANTIZED:
+            raise ExportError(f"precision must be one of {', '.join(QUANTIZED)} for quantization, "
+                              f"got {self.precision!r}")
+        spec = PRECISIONS[self.precision]
+        if self.method is None:
+            object.__setattr__(self, "method", spec.methods[0])
+        if self.method not in spec.methods:
+            raise ExportError(f"method {self.method!r} is not available for {self.precision}; choose one of "
+                              f"{', '.join(spec.methods)}")
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", spec.block_size)
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ExportError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ExportError(f"accuracy_level must be 0-4, got {self.accuracy_level}")
+        if self.mixed is not None:
+            higher = [k for k in KEEP if PRECISIONS[k].bits > spec.bits]
+            if self.mixed not in higher:
+                raise ExportError(f"--mixed keeps sensitive MatMuls at a higher precision than {self.precision}: "
+                                  f"choose {' or '.join(higher)}, got {self.mixed!r}")
+            if self.method != "weight-only":
+                raise ExportError("--mixed works with weight-only quantization, not --method dynamic")
+
+    @property
+    def bits(self) -> int:
+        return PRECISIONS[self.precision].bits
+
+    @property
+    def budget(self) -> float:
+        return PRECISIONS[self.precision].max_ppl_increase if self.max_ppl_increase is None else self.max_ppl_increase

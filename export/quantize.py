@@ -21,11 +21,12 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import onnx
 from fastllm.export.optimize import optimize
+from fastllm.export.precision import PRECISIONS, QuantOptions
 from fastllm.export.quality import describe_report, quality_report
 from fastllm.export.quantized_embedding import quantize_embedding
 from fastllm.export.staging import MODEL_FILES, check_destination, staging
@@ -34,55 +35,6 @@ from onnx.external_data_helper import load_external_data_for_tensor
 
 from fastllm.errors import ExportError
 from fastllm.manifest import Manifest
-
-BITS = {"int8": 8, "int4": 4}
-METHODS = {"int8": ("weight-only", "dynamic"), "int4": ("weight-only",)}
-PPL_BUDGET = {"int8": 0.01, "int4": 0.05}  # default gate: relative perplexity increase allowed
-# Defaults chosen by measurement (smollm2-135m shape, 2 threads, TPOT): int4 symmetric blocks of 32 with int8
-# compute 5.4 ms (asymmetric 6.6, fp32 compute 10.1); int8 blocks of 128 with int8 compute 8.4 ms (blocks of 32:
-# 9.2; fp32 compute: 213).
-BLOCK_SIZE = {8: 128, 4: 32}
-
-
-@dataclass(frozen=True)
-class QuantOptions:
-    precision: str  # "int8" | "int4"
-    method: str = "weight-only"  # int8 also "dynamic"
-    block_size: int | None = None  # None: the precision's default (BLOCK_SIZE)
-    symmetric: bool = True
-    accuracy_level: int = 4  # 4: int8 compute (VNNI / AMX on x86), 0: fp32 compute
-    lm_head: bool = True  # quantize the LM head too
-    embedding: bool = True  # quantize the embedding lookup (shares the LM head's bytes when tied)
-    mixed: str | None = None  # "int8" | "fp32": keep the most sensitive MatMuls there to meet the budget
-    max_ppl_increase: float | None = None  # None: the precision's default budget
-
-    def __post_init__(self):
-        if self.precision not in BITS:
-            raise ExportError(f"precision must be one of {', '.join(BITS)} for quantization, got {self.precision!r}")
-        if self.method not in METHODS[self.precision]:
-            raise ExportError(f"method {self.method!r} is not available for {self.precision}; choose one of "
-                              f"{', '.join(METHODS[self.precision])}")
-        if self.block_size is None:
-            object.__setattr__(self, "block_size", BLOCK_SIZE[BITS[self.precision]])
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ExportError(f"block_size must be a power of two >= 16, got {self.block_size}")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise ExportError(f"accuracy_level must be 0-4, got {self.accuracy_level}")
-        if self.mixed is not None:
-            if self.mixed not in ("int8", "fp32") or self.mixed == self.precision:
-                raise ExportError(f"--mixed keeps sensitive MatMuls at a higher precision than {self.precision}: "
-                                  f"choose {'int8 or fp32' if self.precision == 'int4' else 'fp32'}, "
-                                  f"got {self.mixed!r}")
-            if self.method != "weight-only":
-                raise ExportError("--mixed works with weight-only quantization, not --method dynamic")
-
-    @property
-    def bits(self) -> int:
-        return BITS[self.precision]
-
-    @property
-    def budget(self) -> float:
-        return PPL_BUDGET[self.precision] if self.max_ppl_increase is None else self.max_ppl_increase
 
 
 # -- the graph ----------------------------------------------------------------------------------------------------
@@ -121,10 +73,11 @@ def load_weights(model: onnx.ModelProto, base: Path, names) -> None:
             del tensor.external_data[:]
 
 
-def weight_only(light: onnx.ModelProto, base: Path, assignment: dict[str, int], options: QuantOptions
+def weight_only(light: onnx.ModelProto, base: Path, assignment: dict[str, str], options: QuantOptions
                 ) -> onnx.ModelProto:
     """A copy of `light` (graph loaded without its data, next to `base`) with each MatMul named in `assignment`
-    quantized to its bits; the new weights are held in memory, the untouched ones still refer to base's data."""
+    quantized to its precision ("int4", "int8"); the new weights are held in memory, the untouched ones still refer
+    to base's data. options' block size applies to its own precision, the others get their default."""
     import logging
 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -133,11 +86,13 @@ def weight_only(light: onnx.ModelProto, base: Path, assignment: dict[str, int], 
     model = onnx.ModelProto()
     model.CopyFrom(light)
     nodes = {n.name: n for n in weight_matmuls(model)}
-    for bits in sorted(set(assignment.values())):
-        group = [name for name, b in assignment.items() if b == bits]
+    for precision in sorted(set(assignment.values())):
+        group = [name for name, p in assignment.items() if p == precision]
         load_weights(model, base, [nodes[name].input[1] for name in group])
-        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size if bits == options.bits
-                                         else BLOCK_SIZE[bits], is_symmetric=options.symmetric,
+        spec = PRECISIONS[precision]
+        quantizer = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=options.block_size
+                                         if precision == options.precision else spec.block_size,
+                                         is_symmetric=options.symmetric,
                                          accuracy_level=options.accuracy_level,
                                          nodes_to_exclude=[n for n in nodes if n not in group])
         quantizer.process()
@@ -179,7 +134,7 @@ def quantize_graph(src: Path, out: Path, options: QuantOptions, *, kept: dict[st
         load_weights(light, src, [t.name for t in light.graph.initializer])
         model = dynamic_int8(light, out, exclude=with_data)
     else:
-        model = weight_only(light, src, {name: BITS[p] for name, p in precision.items() if p != "fp32"}, options)
+        model = weight_only(light, src, {name: p for name, p in precision.items() if p != "fp32"}, options)
         load_weights(model, src, [t.name for t in model.graph.initializer])
     embedding = {"quantized": False, "reason": "--keep-embedding"}
     head_node = lm_head(model)  # None after dynamic quantization (the head ends in a scaling Mul)

@@ -1,12 +1,13 @@
-"""The structure of what the exporter writes: readable, unique node names for every weight MatMul in both graph
-kinds, kept through quantization."""
+"""The structure of the exporter and of what it writes: readable, unique node names for every weight MatMul in both
+graph kinds, kept through quantization; precisions defined once."""
 
 from __future__ import annotations
 
 import re
 
 import onnx
-from fastllm.export.quantize import QuantOptions, matmul_labels, quantize_graph
+from fastllm.export.precision import PRECISIONS, QuantOptions
+from fastllm.export.quantize import matmul_labels, quantize_graph
 
 WEIGHT_MATMUL = re.compile(r"^/model/layers\.\d+/(attn|mlp)/\w+/MatMul$|^/lm_head/MatMul$")
 LABEL = re.compile(r"^(layers\.\d+\.(attn|mlp)\.\w+|lm_head) \d+x\d+$")
@@ -38,3 +39,9 @@ def test_quantized_matmuls_keep_their_names(exported, variant, tmp_path):
     quantize_graph(path, tmp_path, QuantOptions("int4"))
     graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
     assert sorted(n.name for n in graph.node if n.op_type == "MatMulNBits") == sorted(f"{n}_Q4" for n in names)
+
+
+def test_the_runtime_knows_every_precision_the_exporter_writes():
+    from fastllm.manifest import PRECISIONS as KNOWN
+
+    assert tuple(PRECISIONS) == KNOWN
