@@ -27,7 +27,7 @@ from pathlib import Path
 import onnx
 from fastllm.export.optimize import optimize
 from fastllm.export.precision import PRECISIONS, QuantOptions
-from fastllm.export.quality import describe_report, quality_report
+from fastllm.export.quality import describe_report, gate, quality_report, refusal
 from fastllm.export.quantized_embedding import quantize_embedding
 from fastllm.export.staging import MODEL_FILES, check_destination, staging
 from fastllm.export.trace import DATA_FILE, GRAPH_FILE
@@ -209,24 +209,17 @@ def quantize_model(src, out, options: QuantOptions, *, text: str | None = None, 
                                         graph=dataclasses.replace(manifest.graph, optimized=optimized))
         quantized.write(tmp)
         progress("quality: perplexity, greedy agreement, |Δlogits| and KL against the fp32 model")
-        report = quality_report(src, tmp, text=text)
-        ppl = report.get("perplexity")
-        gate = {"max_ppl_increase": options.budget, "forced": force,
-                "passed": ppl is None or ppl["relative_increase"] <= options.budget}
-        report["gate"] = gate
+        report = quality_report(src, tmp, text=text, progress=progress)
+        report["gate"] = gate(report, options.precision, max_ppl_increase=options.max_ppl_increase, force=force)
         report["size_bytes"] = {"fp32": directory_size(src), "quantized": directory_size(tmp)}
         progress(describe_report(report))
-        if not gate["passed"] and not force:
+        if not report["gate"]["passed"] and not force:
             chosen = ""
             if mixed:
                 met = mixed["calibration_ppl_increase"][str(mixed["kept_count"])]
                 chosen = (f" (the {mixed['kept_count']} MatMuls --mixed kept met it on the calibration text, "
                           f"{met:+.2%}; a lower --max-ppl-increase makes it keep more)")
-            raise ExportError(
-                f"quality gate: perplexity rose {ppl['relative_increase']:.2%} ({ppl['fp32']:.3f} -> "
-                f"{ppl['quantized']:.3f}), more than the {options.precision} budget of {options.budget:.2%}"
-                f"{chosen}; nothing was written. Try a smaller --block-size, --mixed int8, --keep-lm-head or int8, "
-                "raise --max-ppl-increase, or pass --force")
+            raise refusal(report, note=chosen)
         quantized = dataclasses.replace(quantized, quantization={**quantization, "quality": report})
         quantized.write(tmp)
     progress(f"done in {time.perf_counter() - t0:.1f}s: {out}")

@@ -238,7 +238,9 @@ def quantization_lines(q: dict) -> list[str]:
         parts = []
         if "perplexity" in quality:
             p = quality["perplexity"]
-            parts.append(f"perplexity {p['fp32']:.3f} -> {p['quantized']:.3f} ({p['relative_increase']:+.2%})")
+            on = "" if "tokens" not in p else f" on {p['tokens']} " + (
+                "self-generated tokens" if p.get("source") == "self-generated" else "tokens of text")
+            parts.append(f"perplexity {p['fp32']:.3f} -> {p['quantized']:.3f} ({p['relative_increase']:+.2%}){on}")
         g = quality.get("greedy")
         if g:
             parts.append(f"greedy {g['identical']}/{g['prompts']} identical, mean agreeing prefix "
@@ -247,8 +249,17 @@ def quantization_lines(q: dict) -> list[str]:
             parts.append(f"mean KL {quality['logits']['mean_kl']:.2e}")
         gate = quality.get("gate", {})
         if gate:
+            limits, failed = gate.get("limits"), gate.get("failed", [])
+            if limits:  # each limit, the failed ones marked
+                shown = {"max_ppl_increase": f"perplexity <= {limits['max_ppl_increase']:+.2%}",
+                         "max_kl": f"mean KL <= {limits['max_kl']:.3g}",
+                         "min_agreeing_prefix": f"agreeing prefix >= {limits['min_agreeing_prefix']:.1f}"}
+                detail = ", ".join(text + (" FAILED" if name in failed else "") for name, text in shown.items())
+            else:  # written before KL and greedy agreement were gated: a perplexity budget only
+                detail = f"budget {gate['max_ppl_increase']:.2%}" + ("" if "perplexity" in quality else
+                                                                     ", perplexity not measured")
             parts.append(f"gate {'passed' if gate.get('passed') else 'FAILED'} "
-                         f"(budget {gate['max_ppl_increase']:.2%}{', forced' if gate.get('forced') else ''})")
+                         f"({detail}{', forced' if gate.get('forced') else ''})")
         lines.append("quality:      " + "; ".join(parts))
     return lines
 
