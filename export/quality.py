@@ -18,6 +18,7 @@ import numpy as np
 
 import fastllm
 from fastllm.errors import ExportError
+from fastllm.export.precision import PRECISIONS
 from fastllm.perplexity import perplexity
 
 EVAL_TOKENS = 16384  # perplexity in the report: at most this many held-out tokens (a 49k vocabulary is slow)
@@ -42,7 +43,8 @@ SAMPLE_SEED = 0
 # Margins: perplexity budgets ~2x the default setting's result (int4 blocks of 256 sits at the text budget); KL limits
 # ~5x the worst good result and >= 8x below a broken model; prefix limits >= 2.5x below the worst good result and
 # above the ~0 of a model that lost its weights.
-PPL_BUDGET = {"text": {"int8": 0.01, "int4": 0.05}, "self-generated": {"int8": 0.03, "int4": 0.15}}
+# On text the budget is the precision's own (export/precision.py: int8 1%, int4 5%); on self-generated sequences:
+SELF_GENERATED_PPL_BUDGET = {"int8": 0.03, "int4": 0.15}
 LIMITS = {"int8": {"max_kl": 0.02, "min_agreeing_prefix": 4.0}, "int4": {"max_kl": 0.25, "min_agreeing_prefix": 1.0}}
 FLAGS = {"max_ppl_increase": "--max-ppl-increase", "max_kl": "--max-kl", "min_agreeing_prefix": "--min-agreeing-prefix"}
 
@@ -155,7 +157,7 @@ def quality_report(fp32_dir: Path, quant_dir: Path, *, text: str | None, window:
                                 "relative_increase": cand_ppl["ppl"] / ref_ppl["ppl"] - 1,
                                 "tokens": cand_ppl["tokens"], "windows": cand_ppl["windows"], "window": window}
     else:
-        unmeasured["perplexity"] = f"the fp32 model's own perplexity is {ref_ppl['ppl']} (its logits are not finite)"
+        unmeasured["perplexity"] = f"the fp32 model's own perplexity is {ref_ppl['ppl']}: its logits are not finite"
 
     progress(f"quality: |Δlogits| and KL on {len(prompts)} prompts")
     logits = next_token_stats(reference, candidate, prompts)
@@ -174,8 +176,8 @@ def quality_report(fp32_dir: Path, quant_dir: Path, *, text: str | None, window:
 def gate(report: dict, precision: str, *, max_ppl_increase: float | None = None, max_kl: float | None = None,
          min_agreeing_prefix: float | None = None, force: bool = False) -> dict:
     """The gate's decision on a quality report, for the manifest: every limit, the measured value it applies to,
-    which limits failed, and `passed`. A limit left None is the precision's default (PPL_BUDGET for the source
-    perplexity was measured on, LIMITS).
+    which limits failed, and `passed`. A limit left None is the precision's default: its perplexity budget
+    (SELF_GENERATED_PPL_BUDGET when measured on self-generated sequences), LIMITS.
 
     Raises ExportError when a gated metric was not measured: a gate that measured nothing does not pass, and
     --force does not skip measurement. A failure is recorded, not raised: `refusal` words it."""
@@ -183,7 +185,9 @@ def gate(report: dict, precision: str, *, max_ppl_increase: float | None = None,
         raise ExportError(f"the quality gate has limits for {', '.join(LIMITS)}, not {precision!r}")
     given = {"max_ppl_increase": max_ppl_increase, "max_kl": max_kl, "min_agreeing_prefix": min_agreeing_prefix}
     source = report.get("perplexity", {}).get("source", "text")
-    defaults = {"max_ppl_increase": PPL_BUDGET[source][precision], **LIMITS[precision]}
+    budget = SELF_GENERATED_PPL_BUDGET[precision] if source == "self-generated" else \
+        PRECISIONS[precision].max_ppl_increase
+    defaults = {"max_ppl_increase": budget, **LIMITS[precision]}
     limits = {name: defaults[name] if value is None else float(value) for name, value in given.items()}
     sections = {"max_ppl_increase": ("perplexity", "relative_increase"), "max_kl": ("logits", "mean_kl"),
                 "min_agreeing_prefix": ("greedy", "mean_agreeing_prefix")}

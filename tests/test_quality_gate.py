@@ -13,14 +13,15 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from fastllm.export import export_model, export_pretrained
-from fastllm.export.quality import PPL_BUDGET, SAMPLES, gate, quality_report, refusal
-from fastllm.export.quantize import QuantOptions, quantize_model
-from fastllm.export.tiny import TINY_VOCAB, build_tiny, tiny_config
 from onnx import numpy_helper
 
 import fastllm
 from fastllm.cli import main, quantization_lines
+from fastllm.export import export_model, export_pretrained
+from fastllm.export.precision import PRECISIONS
+from fastllm.export.quality import SAMPLES, SELF_GENERATED_PPL_BUDGET, gate, quality_report, refusal
+from fastllm.export.quantize import QuantOptions, quantize_model
+from fastllm.export.tiny import TINY_VOCAB, build_tiny, tiny_config
 
 CONTEXT = 96  # self-generated: 8 sequences of 96 ids, one window of 95 predicted tokens each
 SHORT = "def main():"
@@ -99,13 +100,14 @@ def test_a_model_without_a_tokenizer_is_measured_on_its_own_samples(bare, bare_i
     assert report["logits"]["source"] == report["greedy"]["source"] == "self-generated"
     g = report["gate"]
     assert g["passed"] and not g["forced"] and g["failed"] == [] and g["source"] == "self-generated"
-    assert g["limits"] == {"max_ppl_increase": PPL_BUDGET["self-generated"]["int8"], "max_kl": 0.02,
+    assert g["limits"] == {"max_ppl_increase": SELF_GENERATED_PPL_BUDGET["int8"], "max_kl": 0.02,
                            "min_agreeing_prefix": 4.0}
     assert g["measured"]["relative_increase"] == p["relative_increase"]
     # each measurement that takes time is announced before it starts
-    for start in ("quality: sampling 8 sequences of 96 tokens from the fp32 model (temperature 1, seed 0): the model "
-                  "has no tokenizer", "quality: perplexity of the fp32 model", "quality: perplexity of the quantized",
-                  "quality: |Δlogits| and KL on 8 prompts", "quality: greedy agreement on 8 prompts"):
+    sampling = "quality: sampling 8 sequences of 96 tokens from the fp32 model (temperature 1, seed 0): the model"
+    for start in (sampling + " has no tokenizer", "quality: perplexity of the fp32 model",
+                  "quality: perplexity of the quantized", "quality: |Δlogits| and KL on 8 prompts",
+                  "quality: greedy agreement on 8 prompts"):
         assert any(line.startswith(start) for line in lines), start
     # seeded: measuring again gives the same numbers
     again = quality_report(bare, out, text=None)
@@ -143,7 +145,7 @@ def test_a_short_text_is_replaced_by_self_generated_sequences(with_tokenizer, tm
 
     on_text = quality_report(with_tokenizer, tmp_path / "int8", text=corpus()[0][:4000])
     assert on_text["perplexity"]["source"] == "text" and on_text["perplexity"]["window"] == CONTEXT
-    assert gate(on_text, "int8")["limits"]["max_ppl_increase"] == PPL_BUDGET["text"]["int8"]
+    assert gate(on_text, "int8")["limits"]["max_ppl_increase"] == PRECISIONS["int8"].max_ppl_increase
 
 
 # -- (c) what could not be measured is an error ------------------------------------------------------------------------
@@ -170,7 +172,7 @@ def test_a_reference_with_non_finite_logits_cannot_be_measured(bare, tmp_path):
     onnx.save_model(model, str(src / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=1024)
     with pytest.raises(fastllm.ExportError, match=r"could not measure perplexity \(the fp32 model's own perplexity "
-                                                  r"is nan \(its logits are not finite\)\); logits \(the fp32 model's "
+                                                  r"is nan: its logits are not finite\); logits \(the fp32 model's "
                                                   r"logits are not finite\)"):
         quantize_model(src, tmp_path / "out", QuantOptions("int8"), text=None, force=True)
     assert not (tmp_path / "out").exists()
