@@ -147,7 +147,7 @@ def build(shape: Shape, work_dir: str | Path, *, graphs: tuple[str, ...] = ("fus
 def _quantize(shape: Shape, src: Path, out: Path, precision: str, progress: Progress) -> None:
     from fastllm.export.precision import QuantOptions
     from fastllm.export.quantize import quantize_model
-    from fastllm.train.corpus import held_out_text
+    from fastllm.export.corpus import held_out_text
 
     name, method = PRECISIONS[precision]
     progress(f"{shape.name}: quantizing {src.name} to {precision} -> {out}")

@@ -1,4 +1,5 @@
-"""PyTorch -> ONNX export for fastllm: load, adapt, trace, describe, verify, commit (see pipeline.py).
+"""PyTorch -> ONNX export for fastllm: load, adapt, trace, optimize, describe, verify, quantize, commit (see
+pipeline.py).
 
 Attributes load lazily so that `export.cli` (registered as a `fastllm` subcommand) costs no torch import
 until an export actually runs.

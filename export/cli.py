@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from fastllm.export.precision import KEEP, METHODS, PRECISIONS, QUANTIZED
+from fastllm.cli import UsageError
+from fastllm.errors import FastLLMError
+from fastllm.export.precision import KEEP, METHODS, PRECISIONS, QUANTIZED, QuantOptions
 
 
 def register(subparsers) -> None:
@@ -33,6 +33,7 @@ def register(subparsers) -> None:
 
 
 def add_quant_options(p) -> None:
+    """Every option defaults to None, so that an option given with a precision it does not apply to is refused."""
     quantized = [PRECISIONS[name] for name in QUANTIZED]
     q = p.add_argument_group(f"quantization ({' / '.join(QUANTIZED)})")
     q.add_argument("--method", choices=METHODS, default=None,
@@ -41,11 +42,11 @@ def add_quant_options(p) -> None:
                         + " (the first is the default)")
     q.add_argument("--block-size", type=int, default=None,
                    help="weights per scale (default: " + ", ".join(f"{p.name} {p.block_size}" for p in quantized) + ")")
-    q.add_argument("--asymmetric", action="store_true", help="zero points per block (default: symmetric)")
-    q.add_argument("--accuracy-level", type=int, default=4,
+    q.add_argument("--asymmetric", action="store_true", default=None, help="zero points per block (default: symmetric)")
+    q.add_argument("--accuracy-level", type=int, default=None,
                    help="MatMulNBits compute type: 4 = int8 (default; fast on VNNI/AMX), 0 = fp32")
-    q.add_argument("--keep-lm-head", action="store_true", help="leave the LM head in fp32")
-    q.add_argument("--keep-embedding", action="store_true",
+    q.add_argument("--keep-lm-head", action="store_true", default=None, help="leave the LM head in fp32")
+    q.add_argument("--keep-embedding", action="store_true", default=None,
                    help="leave the embedding lookup in fp32 (default: block-quantized, sharing the LM head's "
                         "quantized weight when they are tied)")
     q.add_argument("--mixed", choices=KEEP, default=None,
@@ -58,20 +59,32 @@ def add_quant_options(p) -> None:
                         + ", ".join(f"{p.name} {p.max_ppl_increase}" for p in quantized) + ")")
     q.add_argument("--text", default=None, help="text for the perplexity check (default: the held-out split of the "
                                                 "project's Python documentation corpus)")
-    q.add_argument("--force", action="store_true", help="write the model even if it fails the quality gate")
+    q.add_argument("--force", action="store_true", default=None, help="write the model even if it fails the quality gate")
 
 
-def quant_options(args):
-    from fastllm.export.precision import QuantOptions
+QUANT_FLAGS = {"method": "--method", "block_size": "--block-size", "asymmetric": "--asymmetric",
+               "accuracy_level": "--accuracy-level", "keep_lm_head": "--keep-lm-head",
+               "keep_embedding": "--keep-embedding", "mixed": "--mixed", "calibration_text": "--calibration-text",
+               "max_ppl_increase": "--max-ppl-increase", "text": "--text", "force": "--force"}
 
-    return QuantOptions(args.precision, method=args.method, block_size=args.block_size, symmetric=not args.asymmetric,
-                        accuracy_level=args.accuracy_level, lm_head=not args.keep_lm_head,
-                        embedding=not args.keep_embedding, mixed=args.mixed, max_ppl_increase=args.max_ppl_increase)
+
+def quant_options(args) -> QuantOptions | None:
+    """The quantization options for --precision, checked before any work; None for a precision that is not
+    quantized, which refuses every quantization option."""
+    if not PRECISIONS[args.precision].quantized:
+        given = [flag for dest, flag in QUANT_FLAGS.items() if getattr(args, dest) is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: quantization options, for --precision {' or '.join(QUANTIZED)} "
+                             f"only, not {args.precision}; drop them or choose a quantized precision")
+        return None
+    given = {"method": args.method, "block_size": args.block_size, "accuracy_level": args.accuracy_level,
+             "symmetric": False if args.asymmetric else None, "lm_head": False if args.keep_lm_head else None,
+             "embedding": False if args.keep_embedding else None, "mixed": args.mixed,
+             "max_ppl_increase": args.max_ppl_increase}
+    return QuantOptions(args.precision, **{field: value for field, value in given.items() if value is not None})
 
 
 def read_text(path: str | None) -> str | None:
-    from fastllm.errors import FastLLMError
-
     if path is None:
         return None
     try:
@@ -87,34 +100,18 @@ def _progress(line: str) -> None:
 def run(args) -> int:
     try:
         from fastllm.export.pipeline import export_model
-        from fastllm.export.staging import check_destination
     except ImportError as e:
-        from fastllm.errors import FastLLMError
-
         raise FastLLMError(f"`fastllm export` needs the export extra ({e.name} is missing): "
                            "pip install torch==2.13.0 'fastllm[export]'") from None
-    if PRECISIONS[args.precision].quantized:  # export fp32 beside OUT, then quantize it into OUT
-        from fastllm.export.quantize import quantize_model
-
-        options = quant_options(args)  # checked before any work
-        out = Path(args.out)
-        check_destination(out, args.overwrite, sources=(Path(args.src),))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fp32 = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.parent))
-        try:
-            export_model(args.src, fp32 / "model", graph=args.graph, max_context=args.max_context,
-                         threads=args.threads, progress=_progress)
-            manifest = quantize_model(fp32 / "model", out, options, text=read_text(args.text),
-                                      calibration=read_text(args.calibration_text), force=args.force,
-                                      overwrite=args.overwrite, progress=_progress)
-        finally:
-            shutil.rmtree(fp32, ignore_errors=True)
+    quant = quant_options(args)
+    manifest = export_model(args.src, args.out, graph=args.graph, precision=args.precision, quant=quant,
+                            text=read_text(args.text), calibration=read_text(args.calibration_text),
+                            force=bool(args.force), max_context=args.max_context, overwrite=args.overwrite,
+                            threads=args.threads, progress=_progress)
+    if quant:
         print(f"{args.out}: {manifest.architecture}, {manifest.graph.kind} graph, {manifest.precision}; "
               + describe_quality(manifest))
         return 0
-    manifest = export_model(args.src, args.out, graph=args.graph, precision=args.precision,
-                            max_context=args.max_context, overwrite=args.overwrite, threads=args.threads,
-                            progress=_progress)
     v = manifest.verification
     print(f"{args.out}: {manifest.architecture}, {manifest.num_layers} layers, {manifest.graph.kind} graph, "
           f"{manifest.precision}; verified: max |Δlogits| {v['max_abs_diff']:.2e} <= {v['tolerance']:.2e}, "
@@ -149,7 +146,7 @@ def run_quantize(args) -> int:
     from fastllm.export.quantize import quantize_model
 
     manifest = quantize_model(args.src, args.out, quant_options(args), text=read_text(args.text),
-                              calibration=read_text(args.calibration_text), force=args.force,
+                              calibration=read_text(args.calibration_text), force=bool(args.force),
                               overwrite=args.overwrite, progress=_progress)
     print(f"{args.out}: {manifest.architecture}, {manifest.graph.kind} graph, {manifest.precision}; "
           + describe_quality(manifest))

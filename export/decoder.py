@@ -22,9 +22,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from fastllm.kernels.rotary import apply_rotary
 from torch import nn
 from torch.nn import functional as F
+
+from fastllm.kernels.rotary import apply_rotary
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
+
 from fastllm.export.trace import DATA_FILE, GRAPH_FILE
 
 

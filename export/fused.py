@@ -18,13 +18,14 @@ MatMul for gate|up (SwiGLU) or MatMul + FastGelu (GPT-2).
 from __future__ import annotations
 
 import torch
-from fastllm.export.decoder import Attention, DecoderLM, DecoderSpec, MLP
+from torch import nn
+from torch.nn import functional as F
+
+from fastllm.export.decoder import MLP, Attention, DecoderLM, DecoderSpec
 from fastllm.kernels.fast_gelu import fast_gelu
 from fastllm.kernels.group_query_attention import group_query_attention
 from fastllm.kernels.rotary import apply_rotary
 from fastllm.kernels.skip_norm import skip_norm
-from torch import nn
-from torch.nn import functional as F
 
 
 def fused_supported(spec: DecoderSpec) -> str | None:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from fastllm.export.quality import log_softmax, prompt_logits
-from fastllm.export.quantize import lm_head, matmul_labels, weight_matmuls, weight_only
-from fastllm.export.trace import GRAPH_FILE
 
 import fastllm
+from fastllm.export.quality import log_softmax, prompt_logits
+from fastllm.export.quantized_graph import lm_head, matmul_labels, weight_matmuls, weight_only
+from fastllm.export.trace import GRAPH_FILE
 from fastllm.perplexity import perplexity
 
 CALIBRATION_WINDOWS = 4  # windows of CALIBRATION_WINDOW tokens for the KL of each probe

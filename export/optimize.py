@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import onnxruntime as ort
+
 from fastllm.export.trace import DATA_FILE, GRAPH_FILE
 
 LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

@@ -1,7 +1,9 @@
-"""The export pipeline as named stages: load -> adapt -> trace -> describe -> verify -> commit.
+"""The export pipeline as named stages: load -> adapt -> trace -> optimize -> describe -> verify -> quantize -> commit.
 
-Everything is written into a temporary directory beside OUT, which is moved into place only once the model has
-passed verification; on any failure the temporary directory is removed and OUT is left as it was.
+A graph is traced in fp32 (or fp16) and verified against PyTorch; a quantized precision (int8, int4) then runs the
+quantize stage (export/quantize.py) on that verified fp32 graph, which stays in the staging directory only as the
+reference of the quality report and gate. Everything is written into one staging directory beside OUT, moved into
+place only once every stage has passed; on any failure it is removed and OUT is left as it was.
 """
 
 from __future__ import annotations
@@ -11,32 +13,27 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
 import onnx
 import torch
-from fastllm.export import trace as trace_stage
-from fastllm.export.decoder import DecoderLM
-from fastllm.export.fused import fused_supported
-from fastllm.export.optimize import optimize
-from fastllm.export.fp16 import to_fp16
-from fastllm.export.precision import PRECISIONS
-from fastllm.export.registry import Adapted, adapter_for
-from fastllm.export.staging import check_destination, staging
-from fastllm.export.verify import VerifyReport, verify
 
 import fastllm
 from fastllm.errors import ExportError, ModelLoadError
+from fastllm.export import trace as trace_stage
+from fastllm.export.decoder import DecoderLM
+from fastllm.export.fp16 import to_fp16
+from fastllm.export.fused import fused_supported
+from fastllm.export.optimize import optimize
+from fastllm.export.precision import PRECISIONS, QuantOptions
+from fastllm.export.quantize import Progress, quantize, quiet
+from fastllm.export.registry import Adapted, adapter_for
+from fastllm.export.staging import check_destination, staging
+from fastllm.export.verify import VerifyReport, verify
 from fastllm.manifest import GRAPH_KINDS, GraphInfo, Manifest
 
-Progress = Callable[[str], None]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 # -- stage 1: load ------------------------------------------------------------------------------------------------
@@ -178,53 +175,86 @@ def describe(hf_model, adapted: Adapted, graph, kind: str, precision: str, optim
 
 
 # -- the pipeline -------------------------------------------------------------------------------------------------
+def quantization_for(precision: str, quant: QuantOptions | None) -> QuantOptions | None:
+    """The quantize stage's options for `precision`, or None when the graph is traced in that precision."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if quant is not None and quant.precision != precision:
+        raise ExportError(f"the quantization options are for {quant.precision}, but precision is {precision!r}; "
+                          f"pass precision={quant.precision!r}")
+    if not PRECISIONS[precision].quantized:
+        return None
+    return quant or QuantOptions(precision)
+
+
+def export_traced(model, directory: Path, *, tokenizer, graph: str | None, precision: str, max_context: int | None,
+                  threads: int | None, progress: Progress, source: str) -> Manifest:
+    """Stages adapt -> trace -> optimize (or fp16) -> describe -> verify, writing the model into DIRECTORY."""
+    progress(f"adapt: {type(model).__name__}")
+    module, adapted = adapt(model, max_context)
+    kind = choose_graph(adapted.spec, graph)
+    spec = adapted.spec
+    progress(f"trace: {kind} graph, {spec.num_layers} layers, hidden {spec.hidden_size}, vocab {spec.vocab_size}, "
+             f"context {spec.max_context} -> ONNX opset {trace_stage.OPSET}")
+    trace_stage.trace(module, directory, kind)
+    del module
+    optimized = None
+    if precision == "fp16":  # for CUDA; its graph passes run at load on the GPU
+        progress("precision: float16 weights, activations and KV cache (logits stay float32)")
+        to_fp16(directory)
+    elif kind == "fused":  # the portable graph stays plain ONNX: ORT's fusions would add contrib ops
+        progress("optimize: onnxruntime graph passes for cpu, saved with the model")
+        optimized = optimize(directory, target="cpu")
+    progress("describe: manifest and tokenizer")
+    graph_proto = onnx.load(str(directory / trace_stage.GRAPH_FILE), load_external_data=False)
+    manifest = describe(model, adapted, graph_proto, kind, precision, optimized,
+                        write_tokenizer(tokenizer, directory), source)
+    manifest.write(directory)
+    progress("verify: logits and greedy tokens against PyTorch")
+    report: VerifyReport = verify(model, directory, threads=threads, rtol=PRECISIONS[precision].tolerance)
+    progress(f"verify: max |Δlogits| {report.max_abs_diff:.2e} (tolerance {report.tolerance:.2e}), "
+             f"greedy {report.new_tokens} tokens identical")
+    manifest = dataclasses.replace(manifest, verification=report.to_dict())
+    manifest.write(directory)
+    return manifest
+
+
 def export_pretrained(model, out, *, tokenizer=None, graph: str | None = None, precision: str = "fp32",
-                      max_context: int | None = None, overwrite: bool = False, threads: int | None = None,
-                      progress: Progress = _quiet, source: str = "in-memory") -> Manifest:
-    """Export an in-memory transformers causal LM to the model directory OUT, verified against the model itself."""
+                      quant: QuantOptions | None = None, text: str | None = None, calibration: str | None = None,
+                      force: bool = False, max_context: int | None = None, overwrite: bool = False,
+                      threads: int | None = None, progress: Progress = quiet, source: str = "in-memory") -> Manifest:
+    """Export an in-memory transformers causal LM to the model directory OUT, verified against the model itself.
+
+    A quantized precision is quantized from the verified fp32 graph with `quant` (default: the precision's
+    defaults), its quality measured on `text` and gated, as `quantize_model` (export/quantize.py) does."""
     out = Path(out)
-    check_destination(out, overwrite)
-    if precision not in PRECISIONS or PRECISIONS[precision].quantized:
-        traced = [name for name, p in PRECISIONS.items() if not p.quantized]
-        raise ExportError(f"precision must be one of {', '.join(traced)}, got {precision!r}")
+    quant = quantization_for(precision, quant)
+    check_destination(out, overwrite, sources=[Path(tokenizer)] if isinstance(tokenizer, (str, os.PathLike)) else [])
     t0 = time.perf_counter()
     with staging(out, "export") as tmp:
-        model = model.float().eval()
-        progress(f"adapt: {type(model).__name__}")
-        module, adapted = adapt(model, max_context)
-        kind = choose_graph(adapted.spec, graph)
-        spec = adapted.spec
-        progress(f"trace: {kind} graph, {spec.num_layers} layers, hidden {spec.hidden_size}, vocab {spec.vocab_size}, "
-                 f"context {spec.max_context} -> ONNX opset {trace_stage.OPSET}")
-        trace_stage.trace(module, tmp, kind)
-        del module
-        optimized = None
-        if precision == "fp16":  # for CUDA; its graph passes run at load on the GPU
-            progress("precision: float16 weights, activations and KV cache (logits stay float32)")
-            to_fp16(tmp)
-        elif kind == "fused":  # the portable graph stays plain ONNX: ORT's fusions would add contrib ops
-            progress("optimize: onnxruntime graph passes for cpu, saved with the model")
-            optimized = optimize(tmp, target="cpu")
-        progress("describe: manifest and tokenizer")
-        manifest = describe(model, adapted, onnx.load(str(tmp / trace_stage.GRAPH_FILE), load_external_data=False),
-                            kind, precision, optimized, write_tokenizer(tokenizer, tmp), source)
-        manifest.write(tmp)
-        progress("verify: logits and greedy tokens against PyTorch")
-        report: VerifyReport = verify(model, tmp, threads=threads, rtol=PRECISIONS[precision].tolerance)
-        progress(f"verify: max |Δlogits| {report.max_abs_diff:.2e} (tolerance {report.tolerance:.2e}), "
-                 f"greedy {report.new_tokens} tokens identical")
-        manifest = dataclasses.replace(manifest, verification=report.to_dict())
-        manifest.write(tmp)
+        traced = tmp / ".fp32" if quant else tmp  # the quantize stage's reference, removed before commit
+        traced.mkdir(exist_ok=True)
+        manifest = export_traced(model.float().eval(), traced, tokenizer=tokenizer, graph=graph,
+                                 precision="fp32" if quant else precision, max_context=max_context, threads=threads,
+                                 progress=progress, source=source)
+        if quant:
+            manifest = quantize(traced, tmp, quant, text=text, calibration=calibration, force=force,
+                                progress=progress)
+            shutil.rmtree(traced)
     progress(f"done in {time.perf_counter() - t0:.1f}s: {out}")
     return manifest
 
 
-def export_model(src, out, *, graph: str | None = None, precision: str = "fp32", max_context: int | None = None,
-                 overwrite: bool = False, threads: int | None = None, progress: Progress = _quiet) -> Manifest:
-    """Export the Hugging Face model directory SRC to the fastllm model directory OUT."""
+def export_model(src, out, *, graph: str | None = None, precision: str = "fp32", quant: QuantOptions | None = None,
+                 text: str | None = None, calibration: str | None = None, force: bool = False,
+                 max_context: int | None = None, overwrite: bool = False, threads: int | None = None,
+                 progress: Progress = quiet) -> Manifest:
+    """Export the Hugging Face model directory SRC to the fastllm model directory OUT (see export_pretrained)."""
     src, out = Path(src), Path(out)
     check_destination(out, overwrite, sources=(src,))
+    quantization_for(precision, quant)  # refused before any weights are loaded
     progress(f"load: {src}")
     model = load_source(src)
-    return export_pretrained(model, out, tokenizer=src, graph=graph, precision=precision, max_context=max_context,
-                             overwrite=overwrite, threads=threads, progress=progress, source=str(src.resolve()))
+    return export_pretrained(model, out, tokenizer=src, graph=graph, precision=precision, quant=quant, text=text,
+                             calibration=calibration, force=force, max_context=max_context, overwrite=overwrite,
+                             threads=threads, progress=progress, source=str(src.resolve()))

@@ -1,19 +1,11 @@
-"""Quantization of an exported fp32 model directory, with its quality cost measured and gated.
+"""Stage: quantize. A verified fp32 model directory -> its quantized form, with the quality cost measured against
+it and gated. It runs inside the export pipeline (`fastllm export --precision int4`, the fp32 graph an
+intermediate in the staging directory) and on its own for an existing fp32 export (`fastllm quantize`).
 
-Methods (all through ONNX Runtime's quantization tools, round-to-nearest):
-- weight-only (int8 and int4): MatMul weights become block-wise `MatMulNBits`; activations stay fp32 and the
-  kernel computes in int8 on VNNI/AMX (accuracy_level 4).
-- dynamic (int8): `MatMulInteger` with per-output-channel int8 weights, activations quantized per call
-  (`DynamicQuantizeMatMul` after ORT's fusion).
-- embedding: the lookup becomes a block-quantized `GatherBlockQuantized`, sharing the LM head's bytes when the
-  two are tied (export/quantized_embedding.py).
-- mixed precision: the MatMuls whose quantization costs most, measured one by one, are kept in int8 (or fp32)
-  until a perplexity budget is met (export/mixed.py).
-
-Quality is measured against the fp32 directory it came from (itself verified against PyTorch), through the
-runtime: perplexity on held-out text, greedy-token agreement over a set of prompts, |Δlogits| and the KL divergence
-of next-token distributions. The gate refuses a result whose perplexity rises more than the precision's budget,
-unless forced; nothing is written then.
+The graph rewrite is export/quantized_graph.py, mixed precision export/mixed.py, the measurements and the gate
+export/quality.py. Quality is measured through the runtime: perplexity on held-out text, greedy-token agreement
+over a set of prompts, |Δlogits| and the KL divergence of next-token distributions. The gate refuses a result
+worse than the precision's limits, unless forced; nothing is written then.
 """
 
 from __future__ import annotations
@@ -21,215 +13,108 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-import onnx
+from fastllm.errors import ExportError
+from fastllm.export.corpus import held_out_text, split
+from fastllm.export.mixed import choose
 from fastllm.export.optimize import optimize
-from fastllm.export.precision import PRECISIONS, QuantOptions
+from fastllm.export.precision import QuantOptions
 from fastllm.export.quality import describe_report, gate, quality_report, refusal
-from fastllm.export.quantized_embedding import quantize_embedding
+from fastllm.export.quantized_graph import quantize_graph
 from fastllm.export.staging import MODEL_FILES, check_destination, staging
 from fastllm.export.trace import DATA_FILE, GRAPH_FILE
-from onnx.external_data_helper import load_external_data_for_tensor
-
-from fastllm.errors import ExportError
 from fastllm.manifest import Manifest
 
-
-# -- the graph ----------------------------------------------------------------------------------------------------
-def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The MatMuls with a constant weight, in graph order: what quantization rewrites."""
-    inits = {t.name for t in model.graph.initializer}
-    nodes = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
-    if any(not n.name for n in nodes) or len({n.name for n in nodes}) != len(nodes):
-        raise ExportError("the graph's MatMul nodes need unique names to be quantized one by one")
-    return nodes
+Progress = Callable[[str], None]
+ALGORITHMS = {"weight-only": "RTN block-wise, MatMulNBits (onnxruntime MatMulNBitsQuantizer)",
+              "dynamic": "per-channel int8 weights, activations quantized per call, MatMulInteger (onnxruntime "
+                         "quantize_dynamic)"}
 
 
-def matmul_labels(model: onnx.ModelProto) -> dict[str, str]:
-    """Node name -> the module it belongs to and its weight's shape, for reports: /model/layers.3/attn/qkv_proj/MatMul
-    -> "layers.3.attn.qkv_proj 576x960", /lm_head/MatMul -> "lm_head 576x49152"."""
-    inits = {t.name: t for t in model.graph.initializer}
-    labels = {}
-    for node in weight_matmuls(model):
-        module = node.name.removeprefix("/model/").strip("/").removesuffix("/MatMul").replace("/", ".")
-        labels[node.name] = f"{module} {'x'.join(str(d) for d in inits[node.input[1]].dims)}"
-    return labels
+def quiet(_: str) -> None:
+    pass
 
 
-def lm_head(model: onnx.ModelProto) -> onnx.NodeProto | None:
-    return next((n for n in model.graph.node if "logits" in n.output and n.op_type in ("MatMul", "MatMulNBits")),
-                None)
-
-
-def load_weights(model: onnx.ModelProto, base: Path, names) -> None:
-    """Bring the named external initializers of a model loaded without its data into memory."""
-    names = set(names)
-    for tensor in model.graph.initializer:
-        if tensor.name in names and tensor.data_location == onnx.TensorProto.EXTERNAL:
-            load_external_data_for_tensor(tensor, str(base))
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
-
-
-def weight_only(light: onnx.ModelProto, base: Path, assignment: dict[str, str], options: QuantOptions
-                ) -> onnx.ModelProto:
-    """A copy of `light` (graph loaded without its data, next to `base`) with each MatMul named in `assignment`
-    quantized to its precision ("int4", "int8"); the new weights are held in memory, the untouched ones still refer
-    to base's data. options' block size applies to its own precision, the others get their default."""
-    import logging
-
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
-    model = onnx.ModelProto()
-    model.CopyFrom(light)
-    nodes = {n.name: n for n in weight_matmuls(model)}
-    for precision in sorted(set(assignment.values())):
-        group = [name for name, p in assignment.items() if p == precision]
-        load_weights(model, base, [nodes[name].input[1] for name in group])
-        spec = PRECISIONS[precision]
-        quantizer = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=options.block_size
-                                         if precision == options.precision else spec.block_size,
-                                         is_symmetric=options.symmetric,
-                                         accuracy_level=options.accuracy_level,
-                                         nodes_to_exclude=[n for n in nodes if n not in group])
-        quantizer.process()
-        model = quantizer.model.model
-    return model
-
-
-def dynamic_int8(model: onnx.ModelProto, scratch: Path, exclude: list[str]) -> onnx.ModelProto:
-    """MatMul weights per-output-channel int8, activations quantized on the fly (MatMulInteger)."""
-    import logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    path = scratch / "dynamic.onnx"
-    # DefaultTensorType: our graphs carry contrib ops whose outputs the quantizer cannot type; they are all fp32
-    quantize_dynamic(model, path, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
-                     nodes_to_exclude=exclude, use_external_data_format=True,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    return onnx.load(str(path), load_external_data=True)
-
-
-def quantize_graph(src: Path, out: Path, options: QuantOptions, *, kept: dict[str, str] | None = None) -> dict:
-    """Write src's graph quantized into out/model.onnx (+ data); returns what was done, for the manifest.
-
-    kept: MatMul name -> "int8" | "fp32" for the nodes mixed precision keeps higher.
-    """
-    light = onnx.load(str(src / GRAPH_FILE), load_external_data=False)
-    nodes = weight_matmuls(light)
-    head = lm_head(light)
-    tied = head is not None and any(n.op_type == "Gather" and n.input[0] == head.input[1] for n in light.graph.node)
-    precision = {n.name: options.precision for n in nodes}
-    if head is not None and not options.lm_head:
-        precision[head.name] = "fp32"
-    precision.update(kept or {})
-    with_data = [n.name for n in nodes if precision[n.name] == "fp32"]
-    out.mkdir(parents=True, exist_ok=True)
-    if options.method == "dynamic":
-        load_weights(light, src, [t.name for t in light.graph.initializer])
-        model = dynamic_int8(light, out, exclude=with_data)
-    else:
-        model = weight_only(light, src, {name: p for name, p in precision.items() if p != "fp32"}, options)
-        load_weights(model, src, [t.name for t in model.graph.initializer])
-    embedding = {"quantized": False, "reason": "--keep-embedding"}
-    head_node = lm_head(model)  # None after dynamic quantization (the head ends in a scaling Mul)
-    head_kind = head_node.op_type if head_node is not None else None
-    if options.embedding and tied and head_kind == "MatMul":
-        # the fp32 LM head keeps the fp32 matrix anyway: the lookup reads it, a quantized copy would only add bytes
-        embedding = {"quantized": False, "reason": "tied to the fp32 LM head"}
-    elif options.embedding:
-        shared = head_node if tied and head_kind == "MatMulNBits" else None
-        embedding = quantize_embedding(model, bits=options.bits, block_size=options.block_size,
-                                       symmetric=options.symmetric, shared_head=shared)
-    for stale in (out / GRAPH_FILE, out / DATA_FILE):  # onnx appends to an existing data file
-        stale.unlink(missing_ok=True)
-    onnx.save_model(model, str(out / GRAPH_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024)
-    for scratch in out.glob("dynamic.onnx*"):
-        scratch.unlink()
-    counts = {p: sum(v == p for v in precision.values()) for p in ("int8", "int4", "fp32")}
-    return {"matmuls": {p: c for p, c in counts.items() if c}, "fp32_matmuls": with_data, "embedding": embedding,
-            "lm_head": precision.get(head.name) if head is not None else None}
-
-
-# -- the command --------------------------------------------------------------------------------------------------
 def calibration_text() -> str:
     """Text for choosing mixed precision: the training corpus (never the held-out text the gate measures)."""
-    from fastllm.train.corpus import split
-
     return "\n\n".join(split()[0])[:400_000]
 
 
+def describe_options(options: QuantOptions) -> str:
+    return (f"{options.precision} {options.method}"
+            + (f", blocks of {options.block_size}, {'symmetric' if options.symmetric else 'asymmetric'}, "
+               f"accuracy level {options.accuracy_level}" if options.method == "weight-only" else "")
+            + f", LM head {'quantized' if options.lm_head else 'fp32'}"
+            + f", embedding {'quantized' if options.embedding else 'fp32'}")
+
+
+def quantize(fp32: Path, tmp: Path, options: QuantOptions, *, text: str | None = None,
+             calibration: str | None = None, force: bool = False, progress: Progress = quiet) -> Manifest:
+    """The verified fp32 model directory FP32 -> its quantized model in the staging directory TMP (manifest with
+    the quality report, tokenizer, graph). Raises the gate's refusal unless forced.
+
+    text: held-out text for the quality report (default: the corpus's held-out split); calibration: text for
+    choosing mixed precision (default: the corpus's training split)."""
+    manifest = Manifest.read(fp32)
+    for f in fp32.iterdir():
+        if f.name in MODEL_FILES - {GRAPH_FILE, DATA_FILE} and f.is_file():  # a user's own files stay behind
+            shutil.copy2(f, tmp / f.name)
+    progress(f"quantize: {describe_options(options)}")
+    kept, mixed = {}, None
+    if options.mixed:
+        scratch = tmp / ".mixed"
+        scratch.mkdir()
+        progress(f"mixed: measuring each MatMul's sensitivity to {options.precision} on calibration text")
+        kept, mixed = choose(fp32, options, calibration or calibration_text(), scratch, progress)
+        shutil.rmtree(scratch)
+        progress(f"mixed: keeping {len(kept)} of {mixed['candidates']} MatMuls in {options.mixed}")
+    graph = quantize_graph(fp32, tmp, options, kept=kept)
+    optimized = manifest.graph.optimized
+    if manifest.graph.kind == "fused":
+        progress("optimize: onnxruntime graph passes for cpu on the quantized graph, saved with the model")
+        optimized = optimize(tmp, target="cpu")
+    quantization = {"method": options.method, "bits": options.bits, "algorithm": ALGORITHMS[options.method],
+                    "options": {k: v for k, v in asdict(options).items() if k != "precision"}, **graph}
+    if mixed:
+        quantization["mixed_precision"] = mixed
+    quantized = dataclasses.replace(manifest, precision=options.precision, quantization=quantization,
+                                    graph=dataclasses.replace(manifest.graph, optimized=optimized))
+    quantized.write(tmp)
+    text = held_out_text() if text is None else text
+    progress("quality: perplexity, greedy agreement, |Δlogits| and KL against the fp32 model")
+    report = quality_report(fp32, tmp, text=text, progress=progress)
+    report["gate"] = gate(report, options.precision, max_ppl_increase=options.max_ppl_increase, force=force)
+    report["size_bytes"] = {"fp32": directory_size(fp32), "quantized": directory_size(tmp)}
+    progress(describe_report(report))
+    if not report["gate"]["passed"] and not force:
+        chosen = ""
+        if mixed:
+            met = mixed["calibration_ppl_increase"][str(mixed["kept_count"])]
+            chosen = (f" (the {mixed['kept_count']} MatMuls --mixed kept met it on the calibration text, "
+                      f"{met:+.2%}; a lower --max-ppl-increase makes it keep more)")
+        raise refusal(report, note=chosen)
+    quantized = dataclasses.replace(quantized, quantization={**quantization, "quality": report})
+    quantized.write(tmp)
+    return quantized
+
+
 def quantize_model(src, out, options: QuantOptions, *, text: str | None = None, calibration: str | None = None,
-                   force: bool = False, overwrite: bool = False, progress=lambda line: None) -> Manifest:
-    """Quantize the fp32 fastllm model directory SRC into OUT, with a quality report and a perplexity gate."""
+                   force: bool = False, overwrite: bool = False, progress: Progress = quiet) -> Manifest:
+    """Quantize the fp32 fastllm model directory SRC into OUT, with a quality report and gate (`fastllm quantize`)."""
     src, out = Path(src), Path(out)
     manifest = Manifest.read(src)
     if manifest.precision != "fp32" or manifest.quantization:
         raise ExportError(f"{src} holds a {manifest.precision} model; quantize from an fp32 export "
                           "(`fastllm export SRC OUT`)")
     check_destination(out, overwrite, sources=(src,))
-    if text is None:
-        from fastllm.train.corpus import held_out_text
-
-        text = held_out_text()
     t0 = time.perf_counter()
     with staging(out, "quantization") as tmp:
-        for f in src.iterdir():
-            if f.name in MODEL_FILES - {GRAPH_FILE, DATA_FILE} and f.is_file():  # a user's own files stay behind
-                shutil.copy2(f, tmp / f.name)
-        progress(f"quantize: {options.precision} {options.method}"
-                 + (f", blocks of {options.block_size}, {'symmetric' if options.symmetric else 'asymmetric'}, "
-                    f"accuracy level {options.accuracy_level}" if options.method == "weight-only" else "")
-                 + f", LM head {'quantized' if options.lm_head else 'fp32'}"
-                 + f", embedding {'quantized' if options.embedding else 'fp32'}")
-        kept, mixed = {}, None
-        if options.mixed:
-            scratch = Path(tmp) / ".mixed"
-            scratch.mkdir()
-            kept, mixed = choose_mixed(src, options, calibration or calibration_text(), scratch, progress)
-            shutil.rmtree(scratch)
-            progress(f"mixed: keeping {len(kept)} of {mixed['candidates']} MatMuls in {options.mixed}")
-        graph = quantize_graph(src, tmp, options, kept=kept)
-        optimized = optimize(tmp, target="cpu") if manifest.graph.kind == "fused" else manifest.graph.optimized
-        algorithm = ("RTN block-wise, MatMulNBits (onnxruntime MatMulNBitsQuantizer)"
-                     if options.method == "weight-only" else
-                     "per-channel int8 weights, activations quantized per call, MatMulInteger (onnxruntime "
-                     "quantize_dynamic)")
-        quantization = {"method": options.method, "bits": options.bits, "algorithm": algorithm,
-                        "options": {k: v for k, v in asdict(options).items() if k != "precision"}, **graph}
-        if mixed:
-            quantization["mixed_precision"] = mixed
-        quantized = dataclasses.replace(manifest, precision=options.precision, quantization=quantization,
-                                        graph=dataclasses.replace(manifest.graph, optimized=optimized))
-        quantized.write(tmp)
-        progress("quality: perplexity, greedy agreement, |Δlogits| and KL against the fp32 model")
-        report = quality_report(src, tmp, text=text, progress=progress)
-        report["gate"] = gate(report, options.precision, max_ppl_increase=options.max_ppl_increase, force=force)
-        report["size_bytes"] = {"fp32": directory_size(src), "quantized": directory_size(tmp)}
-        progress(describe_report(report))
-        if not report["gate"]["passed"] and not force:
-            chosen = ""
-            if mixed:
-                met = mixed["calibration_ppl_increase"][str(mixed["kept_count"])]
-                chosen = (f" (the {mixed['kept_count']} MatMuls --mixed kept met it on the calibration text, "
-                          f"{met:+.2%}; a lower --max-ppl-increase makes it keep more)")
-            raise refusal(report, note=chosen)
-        quantized = dataclasses.replace(quantized, quantization={**quantization, "quality": report})
-        quantized.write(tmp)
+        quantized = quantize(src, tmp, options, text=text, calibration=calibration, force=force, progress=progress)
     progress(f"done in {time.perf_counter() - t0:.1f}s: {out}")
     return quantized
-
-
-def choose_mixed(src, options, calibration, scratch, progress):
-    from fastllm.export.mixed import choose
-
-    return choose(src, options, calibration, scratch, progress)
 
 
 def directory_size(directory: Path) -> int:

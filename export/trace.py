@@ -8,10 +8,10 @@ from pathlib import Path
 
 import onnx
 import torch
+
 from fastllm.export.decoder import DecoderGraph, DecoderLM, DecoderSpec
 from fastllm.export.fused import FusedDecoder
 from fastllm.export.tied_embeddings import share_tied_embedding
-
 from fastllm.manifest import TensorInfo
 
 OPSET = 17

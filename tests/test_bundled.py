@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from fastllm.train.bundled import BUNDLED
-from fastllm.train.corpus import held_out_text
+from fastllm.export.corpus import held_out_text
 from fastllm.train.evaluate import torch_perplexity
 
 import fastllm

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from fastllm.train.corpus import HELD_OUT_EVERY, Document, pydoc_topics
+from fastllm.export.corpus import HELD_OUT_EVERY, Document, pydoc_topics
 from fastllm.train.evaluate import torch_perplexity
 
 import fastllm

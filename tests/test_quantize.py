@@ -8,9 +8,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from fastllm.export.quantize import QuantOptions, lm_head, quantize_model
+from fastllm.export.corpus import held_out_text, split
+from fastllm.export.precision import QuantOptions
+from fastllm.export.quantize import quantize_model
 from fastllm.export.quantized_embedding import quantize_embedding
-from fastllm.train.corpus import held_out_text, split
+from fastllm.export.quantized_graph import lm_head
 from onnx import helper, numpy_helper
 
 import fastllm

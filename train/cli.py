@@ -32,7 +32,7 @@ def run(args) -> int:
         except (OSError, UnicodeDecodeError) as e:
             raise ModelLoadError(f"cannot read --text {args.text}: {e}") from None
     else:
-        from fastllm.train.corpus import held_out_text
+        from fastllm.export.corpus import held_out_text
 
         text = held_out_text()
     if (model / "fastllm.json").is_file():

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fastllm.export import corpus
 from fastllm.export.tiny import SPECIAL, train_tokenizer
-from fastllm.train import corpus
 
 EOS, PAD = 0, 1  # the ids of SPECIAL's two tokens
 

@@ -1,5 +1,7 @@
-"""The training text: the pydoc topics (Python's reference documentation) and the docstrings of the standard
+"""The project's text: the pydoc topics (Python's reference documentation) and the docstrings of the standard
 library, read from this Python's own files. Nothing is downloaded and nothing is copied into the repository.
+The bundled model trains on it (train/), quantization measures quality on its held-out split and calibrates mixed
+precision on its training split (export/).
 
 Documents are split into train and held-out by a hash of their name, so the split is the same on every machine
 that has the same documents (the Python version and the corpus hash are recorded with the model).
