@@ -62,15 +62,18 @@ def quantize(fp32: Path, tmp: Path, options: QuantOptions, *, text: str | None =
     for f in fp32.iterdir():
         if f.name in MODEL_FILES - {GRAPH_FILE, DATA_FILE} and f.is_file():  # a user's own files stay behind
             shutil.copy2(f, tmp / f.name)
-    progress(f"quantize: {describe_options(options)}")
     kept, mixed = {}, None
     if options.mixed:
         scratch = tmp / ".mixed"
         scratch.mkdir()
+        if calibration is None:
+            progress("mixed: calibration text from the corpus's training split (the standard library's docstrings)")
+            calibration = calibration_text()
         progress(f"mixed: measuring each MatMul's sensitivity to {options.precision} on calibration text")
-        kept, mixed = choose(fp32, options, calibration or calibration_text(), scratch, progress)
+        kept, mixed = choose(fp32, options, calibration, scratch, progress)
         shutil.rmtree(scratch)
         progress(f"mixed: keeping {len(kept)} of {mixed['candidates']} MatMuls in {options.mixed}")
+    progress(f"quantize: {describe_options(options)}" + (f", {len(kept)} MatMuls in {options.mixed}" if mixed else ""))
     graph = quantize_graph(fp32, tmp, options, kept=kept)
     optimized = manifest.graph.optimized
     if manifest.graph.kind == "fused":
@@ -83,7 +86,9 @@ def quantize(fp32: Path, tmp: Path, options: QuantOptions, *, text: str | None =
     quantized = dataclasses.replace(manifest, precision=options.precision, quantization=quantization,
                                     graph=dataclasses.replace(manifest.graph, optimized=optimized))
     quantized.write(tmp)
-    text = held_out_text() if text is None else text
+    if text is None:
+        progress("quality: text from the corpus's held-out split (the standard library's docstrings)")
+        text = held_out_text()
     progress("quality: perplexity, greedy agreement, |Δlogits| and KL against the fp32 model")
     report = quality_report(fp32, tmp, text=text, progress=progress)
     report["gate"] = gate(report, options.precision, max_ppl_increase=options.max_ppl_increase, force=force)
