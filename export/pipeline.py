@@ -26,7 +26,7 @@ from fastllm.export.decoder import DecoderLM
 from fastllm.export.fp16 import to_fp16
 from fastllm.export.fused import fused_supported
 from fastllm.export.optimize import optimize
-from fastllm.export.precision import PRECISIONS, QuantOptions
+from fastllm.export.precision import PRECISIONS, QUANTIZED, QuantOptions
 from fastllm.export.quantize import Progress, quantize, quiet
 from fastllm.export.registry import Adapted, adapter_for
 from fastllm.export.staging import check_destination, staging
@@ -229,6 +229,9 @@ def export_pretrained(model, out, *, tokenizer=None, graph: str | None = None, p
     defaults), its quality measured on `text` and gated, as `quantize_model` (export/quantize.py) does."""
     out = Path(out)
     quant = quantization_for(precision, quant)
+    if quant is None and (text is not None or calibration is not None or force):
+        raise ExportError(f"text, calibration and force are for a quantized precision "
+                          f"({', '.join(QUANTIZED)}), not {precision}")
     check_destination(out, overwrite, sources=[Path(tokenizer)] if isinstance(tokenizer, (str, os.PathLike)) else [])
     t0 = time.perf_counter()
     with staging(out, "export") as tmp:
