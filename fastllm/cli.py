@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -328,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         return error(str(e), 1)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`fastllm generate ... | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
 
 
 def error(message: str, status: int) -> int:

@@ -237,3 +237,14 @@ def test_a_flag_overrides_only_its_field_of_the_generation_config(capsys, sampli
     code, out, _ = cli(capsys, "generate", sampling_model, "--ids", "5,6", "--max-new-tokens", "10", "--seed", "1",
                        "--ignore-eos", "--temperature", "0.5")
     assert (code, out) == (0, ids_text(expected) + "\n")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(model):
+    """`fastllm generate ... | head -c 1`: no BrokenPipeError traceback, the exit status of a closed pipe."""
+    argv = [sys.executable, "-m", "fastllm", "generate", str(model), "Return the", "--max-new-tokens", "64",
+            "--ignore-eos"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+        assert p.stdout.read(1)
+        p.stdout.close()
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=120) == 141 and "Traceback" not in err and "Error" not in err, err
