@@ -72,6 +72,9 @@ def run(args) -> int:
         precisions=tuple(p.strip() for p in args.precisions.split(",") if p.strip()), work_dir=args.work_dir,
         timeout_s=args.timeout)
     out = Path(args.out or Path(args.work_dir) / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    taken = [name for name in ("results.json", "results.md", "results.png") if (out / name).exists()]
+    if taken:  # checked before the run: an earlier run's results are never replaced
+        raise BenchError(f"--out {out} already holds {', '.join(taken)} from an earlier run; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
 
     results = runner.run(options)

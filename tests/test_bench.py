@@ -137,3 +137,11 @@ def test_cli_error_is_one_line(capsys):
     assert main(["bench", "--shape", "nope"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("fastllm: error: unknown shape 'nope'") and "\n" not in err
+
+
+def test_an_earlier_runs_results_are_never_replaced(bench_run, capsys):
+    _, out, _ = bench_run
+    before = (out / "results.json").read_bytes()
+    assert main(["bench", "--shape", "tiny", "--engines", "fastllm", "--out", str(out)]) == 1
+    assert "already holds results.json" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
