@@ -55,8 +55,17 @@ def add_quant_options(p) -> None:
     q.add_argument("--calibration-text", default=None,
                    help="text for --mixed (default: the training split of the project's corpus)")
     q.add_argument("--max-ppl-increase", type=float, default=None,
-                   help="quality gate: relative perplexity increase allowed (default: "
-                        + ", ".join(f"{p.name} {p.max_ppl_increase}" for p in quantized) + ")")
+                   help="quality gate: relative perplexity increase allowed (default on text: "
+                        + ", ".join(f"{p.name} {p.max_ppl_increase}" for p in quantized)
+                        + "; on sequences the fp32 model samples itself, when there is no tokenizer or too little "
+                          "text: " + ", ".join(f"{p.name} {p.max_ppl_increase_self_generated}" for p in quantized)
+                        + ")")
+    q.add_argument("--max-kl", type=float, default=None,
+                   help="quality gate: mean KL divergence of next-token distributions allowed (default: "
+                        + ", ".join(f"{p.name} {p.max_kl}" for p in quantized) + ")")
+    q.add_argument("--min-agreeing-prefix", type=float, default=None,
+                   help="quality gate: mean count of greedy tokens identical to fp32's before the first difference "
+                        "(default: " + ", ".join(f"{p.name} {p.min_agreeing_prefix}" for p in quantized) + ")")
     q.add_argument("--text", default=None, help="text for the perplexity check (default: the held-out split of the "
                                                 "project's Python documentation corpus)")
     q.add_argument("--force", action="store_true", default=None, help="write the model even if it fails the quality gate")
@@ -65,7 +74,8 @@ def add_quant_options(p) -> None:
 QUANT_FLAGS = {"method": "--method", "block_size": "--block-size", "asymmetric": "--asymmetric",
                "accuracy_level": "--accuracy-level", "keep_lm_head": "--keep-lm-head",
                "keep_embedding": "--keep-embedding", "mixed": "--mixed", "calibration_text": "--calibration-text",
-               "max_ppl_increase": "--max-ppl-increase", "text": "--text", "force": "--force"}
+               "max_ppl_increase": "--max-ppl-increase", "max_kl": "--max-kl",
+               "min_agreeing_prefix": "--min-agreeing-prefix", "text": "--text", "force": "--force"}
 
 
 def quant_options(args) -> QuantOptions | None:
@@ -80,7 +90,8 @@ def quant_options(args) -> QuantOptions | None:
     given = {"method": args.method, "block_size": args.block_size, "accuracy_level": args.accuracy_level,
              "symmetric": False if args.asymmetric else None, "lm_head": False if args.keep_lm_head else None,
              "embedding": False if args.keep_embedding else None, "mixed": args.mixed,
-             "max_ppl_increase": args.max_ppl_increase}
+             "max_ppl_increase": args.max_ppl_increase, "max_kl": args.max_kl,
+             "min_agreeing_prefix": args.min_agreeing_prefix}
     return QuantOptions(args.precision, **{field: value for field, value in given.items() if value is not None})
 
 

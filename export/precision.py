@@ -22,7 +22,11 @@ class Precision:
     tolerance: float | None = None  # verification against PyTorch: max |Δlogits| / max(1, max |logit|)
     methods: tuple[str, ...] = ()  # quantization methods, the default first; none: the graph is traced in it
     block_size: int | None = None  # default weights per scale (weight-only)
-    max_ppl_increase: float | None = None  # default quality gate: relative perplexity increase allowed
+    # the quality gate's defaults (export/quality.py gate; the measurements behind them are noted there):
+    max_ppl_increase: float | None = None  # relative perplexity increase allowed, measured on text
+    max_ppl_increase_self_generated: float | None = None  # the same on sequences the fp32 model sampled itself
+    max_kl: float | None = None  # mean KL(fp32 || quantized) of next-token distributions
+    min_agreeing_prefix: float | None = None  # mean count of greedy tokens identical to fp32's before they differ
 
     @property
     def quantized(self) -> bool:
@@ -38,8 +42,9 @@ PRECISIONS = {p.name: p for p in (
     Precision("fp16", 16, "for CUDA (weights, activations and KV cache in float16, logits float32)",
               tolerance=1e-2),
     Precision("int8", 8, "weight-only or dynamic int8", methods=("weight-only", "dynamic"), block_size=128,
-              max_ppl_increase=0.01),
-    Precision("int4", 4, "weight-only int4", methods=("weight-only",), block_size=32, max_ppl_increase=0.05),
+              max_ppl_increase=0.01, max_ppl_increase_self_generated=0.03, max_kl=0.02, min_agreeing_prefix=4.0),
+    Precision("int4", 4, "weight-only int4", methods=("weight-only",), block_size=32, max_ppl_increase=0.05,
+              max_ppl_increase_self_generated=0.15, max_kl=0.25, min_agreeing_prefix=1.0),
 )}
 QUANTIZED = tuple(name for name, p in PRECISIONS.items() if p.quantized)
 METHODS = tuple(dict.fromkeys(m for p in PRECISIONS.values() for m in p.methods))
@@ -65,9 +70,17 @@ class QuantOptions:
     lm_head: bool = True  # quantize the LM head too
     embedding: bool = True  # quantize the embedding lookup (shares the LM head's bytes when tied)
     mixed: str | None = None  # one of KEEP: keep the most sensitive MatMuls there to meet the budget
-    max_ppl_increase: float | None = None  # None: the precision's default budget
+    # quality gate limits; None: the precision's defaults (Precision.max_ppl_increase, ...)
+    max_ppl_increase: float | None = None
+    max_kl: float | None = None
+    min_agreeing_prefix: float | None = None
 
     def __post_init__(self):
+        for name in ("max_ppl_increase", "max_kl", "min_agreeing_prefix"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not value >= 0):
+                raise ExportError(f"{name} must be a number >= 0, got {value!r}")
         if self.precision not in QUANTIZED:
             raise ExportError(f"precision must be one of {', '.join(QUANTIZED)} for quantization, "
                               f"got {self.precision!r}")

@@ -43,9 +43,8 @@ SAMPLE_SEED = 0
 # Margins: perplexity budgets ~2x the default setting's result (int4 blocks of 256 sits at the text budget); KL limits
 # ~5x the worst good result and >= 8x below a broken model; prefix limits >= 2.5x below the worst good result and
 # above the ~0 of a model that lost its weights.
-# On text the budget is the precision's own (export/precision.py: int8 1%, int4 5%); on self-generated sequences:
-SELF_GENERATED_PPL_BUDGET = {"int8": 0.03, "int4": 0.15}
-LIMITS = {"int8": {"max_kl": 0.02, "min_agreeing_prefix": 4.0}, "int4": {"max_kl": 0.25, "min_agreeing_prefix": 1.0}}
+# The limits themselves are the precisions' own (export/precision.py PRECISIONS): on text int8 1%, int4 5%; on
+# self-generated sequences 3% / 15%; mean KL 0.02 / 0.25; mean agreeing greedy prefix 4.0 / 1.0 tokens.
 FLAGS = {"max_ppl_increase": "--max-ppl-increase", "max_kl": "--max-kl", "min_agreeing_prefix": "--min-agreeing-prefix"}
 
 
@@ -176,18 +175,19 @@ def quality_report(fp32_dir: Path, quant_dir: Path, *, text: str | None, window:
 def gate(report: dict, precision: str, *, max_ppl_increase: float | None = None, max_kl: float | None = None,
          min_agreeing_prefix: float | None = None, force: bool = False) -> dict:
     """The gate's decision on a quality report, for the manifest: every limit, the measured value it applies to,
-    which limits failed, and `passed`. A limit left None is the precision's default: its perplexity budget
-    (SELF_GENERATED_PPL_BUDGET when measured on self-generated sequences), LIMITS.
+    which limits failed, and `passed`. A limit left None is the precision's default (export/precision.py), the
+    perplexity budget for self-generated sequences when perplexity was measured on those.
 
     Raises ExportError when a gated metric was not measured: a gate that measured nothing does not pass, and
     --force does not skip measurement. A failure is recorded, not raised: `refusal` words it."""
-    if precision not in LIMITS:
-        raise ExportError(f"the quality gate has limits for {', '.join(LIMITS)}, not {precision!r}")
+    spec = PRECISIONS.get(precision)
+    if spec is None or spec.max_kl is None:
+        gated = [name for name, p in PRECISIONS.items() if p.max_kl is not None]
+        raise ExportError(f"the quality gate has limits for {', '.join(gated)}, not {precision!r}")
     given = {"max_ppl_increase": max_ppl_increase, "max_kl": max_kl, "min_agreeing_prefix": min_agreeing_prefix}
     source = report.get("perplexity", {}).get("source", "text")
-    budget = SELF_GENERATED_PPL_BUDGET[precision] if source == "self-generated" else \
-        PRECISIONS[precision].max_ppl_increase
-    defaults = {"max_ppl_increase": budget, **LIMITS[precision]}
+    budget = spec.max_ppl_increase_self_generated if source == "self-generated" else spec.max_ppl_increase
+    defaults = {"max_ppl_increase": budget, "max_kl": spec.max_kl, "min_agreeing_prefix": spec.min_agreeing_prefix}
     limits = {name: defaults[name] if value is None else float(value) for name, value in given.items()}
     sections = {"max_ppl_increase": ("perplexity", "relative_increase"), "max_kl": ("logits", "mean_kl"),
                 "min_agreeing_prefix": ("greedy", "mean_agreeing_prefix")}

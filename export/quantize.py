@@ -91,7 +91,8 @@ def quantize(fp32: Path, tmp: Path, options: QuantOptions, *, text: str | None =
         text = held_out_text()
     progress("quality: perplexity, greedy agreement, |Δlogits| and KL against the fp32 model")
     report = quality_report(fp32, tmp, text=text, progress=progress)
-    report["gate"] = gate(report, options.precision, max_ppl_increase=options.max_ppl_increase, force=force)
+    report["gate"] = gate(report, options.precision, max_ppl_increase=options.max_ppl_increase,
+                          max_kl=options.max_kl, min_agreeing_prefix=options.min_agreeing_prefix, force=force)
     report["size_bytes"] = {"fp32": directory_size(fp32), "quantized": directory_size(tmp)}
     progress(describe_report(report))
     if not report["gate"]["passed"] and not force:

@@ -18,9 +18,9 @@ from onnx import numpy_helper
 import fastllm
 from fastllm.cli import main, quantization_lines
 from fastllm.export import export_model, export_pretrained
-from fastllm.export.precision import PRECISIONS
-from fastllm.export.quality import SAMPLES, SELF_GENERATED_PPL_BUDGET, gate, quality_report, refusal
-from fastllm.export.quantize import QuantOptions, quantize_model
+from fastllm.export.precision import PRECISIONS, QuantOptions
+from fastllm.export.quality import SAMPLES, gate, quality_report, refusal
+from fastllm.export.quantize import quantize_model
 from fastllm.export.tiny import TINY_VOCAB, build_tiny, tiny_config
 
 CONTEXT = 96  # self-generated: 8 sequences of 96 ids, one window of 95 predicted tokens each
@@ -100,7 +100,7 @@ def test_a_model_without_a_tokenizer_is_measured_on_its_own_samples(bare, bare_i
     assert report["logits"]["source"] == report["greedy"]["source"] == "self-generated"
     g = report["gate"]
     assert g["passed"] and not g["forced"] and g["failed"] == [] and g["source"] == "self-generated"
-    assert g["limits"] == {"max_ppl_increase": SELF_GENERATED_PPL_BUDGET["int8"], "max_kl": 0.02,
+    assert g["limits"] == {"max_ppl_increase": PRECISIONS["int8"].max_ppl_increase_self_generated, "max_kl": 0.02,
                            "min_agreeing_prefix": 4.0}
     assert g["measured"]["relative_increase"] == p["relative_increase"]
     # each measurement that takes time is announced before it starts
@@ -189,3 +189,13 @@ def test_info_shows_each_limit_and_reads_older_manifests(bare_int8):
     old = json.loads(json.dumps({k: v for k, v in quality.items() if k != "perplexity"}))
     old["gate"] = {"max_ppl_increase": 0.01, "forced": False, "passed": True}
     assert quantization_lines({"quality": old})[-1].endswith("gate passed (budget 1.00%, perplexity not measured)")
+
+
+def test_the_kl_and_greedy_limits_are_options_of_the_cli(bare, tmp_path, capsys):
+    """--max-kl and --min-agreeing-prefix reach the gate: int8 passes its defaults (above), fails a KL limit of 0."""
+    out = tmp_path / "strict"
+    assert main(["quantize", str(bare), str(out), "--precision", "int8", "--max-kl", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "more than the int8 limit of 0" in err and "(--max-kl)" in err and not out.exists()
+    assert main(["quantize", str(bare), str(out), "--precision", "int8", "--min-agreeing-prefix", "-1"]) == 1
+    assert "min_agreeing_prefix must be a number >= 0, got -1.0" in capsys.readouterr().err
