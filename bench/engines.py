@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
 from fastllm.bench.errors import BenchError
 
 ENGINE_NAMES = ("torch-fp32", "torch-bf16", "fastllm", "optimum", "genai")

@@ -124,8 +124,9 @@ def build(shape: Shape, work_dir: str | Path, *, graphs: tuple[str, ...] = ("fus
     for graph in graphs:
         fp32_dir = root / f"fastllm-{graph}"
         if not _usable_export(fp32_dir, fingerprint):
-            from fastllm.export import export_model
             from transformers.utils import logging as hf_logging
+
+            from fastllm.export import export_model
 
             hf_logging.disable_progress_bar()
             (fp32_dir / STAMP).unlink(missing_ok=True)  # ours; --overwrite replaces only a directory of model files
@@ -145,9 +146,9 @@ def build(shape: Shape, work_dir: str | Path, *, graphs: tuple[str, ...] = ("fus
 
 
 def _quantize(shape: Shape, src: Path, out: Path, precision: str, progress: Progress) -> None:
+    from fastllm.export.corpus import held_out_text
     from fastllm.export.precision import QuantOptions
     from fastllm.export.quantize import quantize_model
-    from fastllm.export.corpus import held_out_text
 
     name, method = PRECISIONS[precision]
     progress(f"{shape.name}: quantizing {src.name} to {precision} -> {out}")
@@ -170,6 +171,7 @@ def _write_tokenizer(hf_dir: Path) -> None:
     """Prompts are token ids, so any tokenizer will do for timing; peers' converters (onnxruntime-genai's builder)
     insist on one in the directory. A small one trained locally (export.tiny)."""
     import transformers as tf
+
     from fastllm.export.tiny import SPECIAL, train_tokenizer
 
     tf.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(), bos_token=SPECIAL[0], eos_token=SPECIAL[0],

@@ -13,9 +13,8 @@ import pytest
 
 pytest.importorskip("pytest_benchmark")
 
-from fastllm.bench import shapes
-
 import fastllm
+from fastllm.bench import shapes
 from fastllm.sampler import SamplingParams, TokenHistory, sample
 
 VOCAB = 50_257  # GPT-2's vocabulary

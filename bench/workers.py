@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from fastllm.bench.engines import RUNNERS, EngineSpec
 from fastllm.bench.metrics import run_metrics, summarise
 

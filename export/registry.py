@@ -6,9 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from fastllm.export.decoder import DecoderSpec
 
 from fastllm.errors import UnsupportedArchitectureError
+from fastllm.export.decoder import DecoderSpec
 
 
 @dataclass

@@ -25,6 +25,7 @@ agree by construction and the kernel test below checks ONNX Runtime against the 
 from __future__ import annotations
 
 import torch
+
 from fastllm.kernels.rotary import apply_rotary
 
 

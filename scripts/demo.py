@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+import fastllm
 from fastllm.bench.engines import EngineSpec, fastllm_spec, size_on_disk
 from fastllm.bench.workers import run_worker
 from fastllm.export import export_model
 from fastllm.train.bundled import BUNDLED
-
-import fastllm
 
 PROMPTS = ["The list type", "To open a file,", "A decorator is"]
 THREADS = 2

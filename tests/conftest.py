@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from fastllm.export.tiny import TINY_ARCHITECTURES, build_tiny, train_tokenizer
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from fastllm.bench import shapes
 from fastllm.bench.runner import BenchOptions
 from fastllm.bench.workload import Case, Workload
-
 from fastllm.cli import main
 from fastllm.errors import FastLLMError, InvalidParameterError
 

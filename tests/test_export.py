@@ -6,11 +6,11 @@ import json
 
 import onnx
 import pytest
+
+import fastllm
 from fastllm.export import export_model
 from fastllm.export.registry import supported
 from fastllm.export.tiny import TINY_ARCHITECTURES
-
-import fastllm
 from fastllm.manifest import FORMAT_VERSION, MANIFEST_NAME
 
 
@@ -97,6 +97,7 @@ def test_export_in_memory_model(hf_models, tokenizer, tmp_path):
 def test_llama_rope_scaling_variants(tokenizer, tmp_path, rope):
     import torch
     import transformers as tf
+
     from fastllm.export import export_pretrained
     from fastllm.export.tiny import tiny_config
 
@@ -109,6 +110,7 @@ def test_llama_rope_scaling_variants(tokenizer, tmp_path, rope):
 
 def test_sequence_length_dependent_rope_is_refused(tokenizer, tmp_path):
     import transformers as tf
+
     from fastllm.export import export_pretrained
     from fastllm.export.tiny import tiny_config
 

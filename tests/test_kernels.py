@@ -6,10 +6,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper
+
 from fastllm.kernels.fast_gelu import fast_gelu_reference
 from fastllm.kernels.group_query_attention import gqa_reference
 from fastllm.kernels.skip_norm import skip_layer_norm_reference, skip_rms_norm_reference
-from onnx import TensorProto, helper
 
 F32, I32 = TensorProto.FLOAT, TensorProto.INT32
 

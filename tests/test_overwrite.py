@@ -11,7 +11,6 @@ import pytest
 
 import fastllm
 from fastllm.cli import main
-from fastllm.export import export_model
 from fastllm.export import staging as staging_module
 from fastllm.export.staging import MODEL_FILES, foreign_entries, staging
 
@@ -154,7 +153,6 @@ def test_a_model_is_replaced_only_with_overwrite(hf_dirs, model, capsys):
 def test_model_files_are_what_the_exporter_writes(exported):
     from fastllm.export.pipeline import TOKENIZER_FILES
     from fastllm.export.trace import DATA_FILE, GRAPH_FILE
-
     from fastllm.manifest import MANIFEST_NAME
 
     assert MODEL_FILES == {GRAPH_FILE, DATA_FILE, MANIFEST_NAME, *TOKENIZER_FILES}

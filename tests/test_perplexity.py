@@ -6,11 +6,11 @@ import math
 
 import numpy as np
 import pytest
-from fastllm.export.corpus import HELD_OUT_EVERY, Document, pydoc_topics
-from fastllm.train.evaluate import torch_perplexity
 
 import fastllm
+from fastllm.export.corpus import HELD_OUT_EVERY, Document, pydoc_topics
 from fastllm.perplexity import log_softmax_pick, perplexity, windows
+from fastllm.train.evaluate import torch_perplexity
 
 TEXT = " ".join(d.text for d in pydoc_topics()[:3])
 

@@ -8,15 +8,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import helper, numpy_helper
+
+import fastllm
+from fastllm.cli import main
 from fastllm.export.corpus import held_out_text, split
 from fastllm.export.precision import QuantOptions
 from fastllm.export.quantize import quantize_model
 from fastllm.export.quantized_embedding import quantize_embedding
 from fastllm.export.quantized_graph import lm_head
-from onnx import helper, numpy_helper
-
-import fastllm
-from fastllm.cli import main
 
 TEXT = held_out_text()[:60_000]  # ~17k tokens: enough for a stable perplexity, quick
 # Stated tolerances against the fp32 model (measured on this text: int8 +0.06% perplexity, mean KL 8e-4; dynamic

@@ -4,6 +4,7 @@ its attention scaling come out exactly as in the reference."""
 from __future__ import annotations
 
 import torch
+
 from fastllm.export.registry import unsupported_setting
 
 # Rope types whose frequencies depend on the current sequence length: a single static table cannot match them.
