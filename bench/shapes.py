@@ -64,6 +64,12 @@ register(Shape("smollm2-135m", "LlamaForCausalLM", max_context=2304, config=dict
     rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True,
     initializer_range=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=None)))
 
+register(Shape("qwen2.5-0.5b", "Qwen2ForCausalLM", max_context=2304, config=dict(
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    num_key_value_heads=2, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=True,
+    initializer_range=0.02, bos_token_id=151643, eos_token_id=151645, pad_token_id=None)))
+
 register(Shape("gpt2", "GPT2LMHeadModel", max_context=1024, config=dict(
     vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024, initializer_range=0.02,
     bos_token_id=50256, eos_token_id=50256)))
