@@ -35,17 +35,65 @@ class Completion:
         return self.completion_tokens / self.total_s if self.total_s > 0 else float("inf")
 
 
-class Sequence:
-    """One row of a request: its tokens, its text so far and why it finished."""
+class StopStrings:
+    """Finds stop strings in text that grows piece by piece, looking only at text that can hold a new match.
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, engine: Engine, seed: int | None):
+    A match not found before must end inside the new piece, so it starts at most longest - 1 characters before it:
+    each feed() searches those characters plus the piece (`examined` says how many), never the whole text. The
+    hold-back (the longest end of the text that could still grow into a stop string) is updated from the previous
+    one: it can grow by at most the length of the piece.
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.longest = max(map(len, stops), default=0)
+        # per stop string: its proper prefix lengths n, longest first, keyed by the prefix's last character
+        self.prefixes = [{c: [n for n in range(len(s) - 1, 0, -1) if s[n - 1] == c] for c in set(s)} for s in stops]
+        self.tail = ""  # the last longest - 1 characters fed: where a match ending in the next piece may begin
+        self.hold = 0  # characters at the end of the text fed so far that are the start of some stop string
+        self.examined = 0  # characters the last feed() looked at
+
+    def feed(self, piece: str) -> int | None:
+        """Take the next piece of text. If the text now holds a stop string, returns where the earliest one starts,
+        counted from the start of `piece` (negative when it begins in earlier text); else None."""
+        if not self.stops or not piece:
+            self.examined = 0
+            return None
+        window = self.tail + piece  # bounded: longest - 1 + len(piece) characters
+        self.examined = len(window)
+        hits = [at for at in (window.find(s) for s in self.stops) if at >= 0]
+        if hits:
+            return min(hits) - len(self.tail)
+        most = self.hold + len(piece)  # the hold-back grows by at most the piece
+        self.hold = max(self._held(stop, prefixes, window, most) for stop, prefixes in zip(self.stops, self.prefixes))
+        self.tail = window[-(self.longest - 1):] if self.longest > 1 else ""
+        return None
+
+    @staticmethod
+    def _held(stop: str, prefixes: dict[str, list[int]], window: str, most: int) -> int:
+        """The longest n <= most such that the window ends with the first n characters of `stop`."""
+        for n in prefixes.get(window[-1], ()):
+            if n <= most and window.endswith(stop[:n]):
+                return n
+        return 0
+
+
+class Sequence:
+    """One row of a request: its tokens, its text so far and why it finished.
+
+    detokenize=False (Engine.tokens() without stop strings) keeps no text at all: nothing is decoded per token.
+    """
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, engine: Engine, seed: int | None,
+                 detokenize: bool = True):
         self.prompt_ids = prompt_ids
         self.params = params
         self.token_ids: list[int] = []
         self.history = TokenHistory(engine.manifest.vocab_size, prompt_ids)
         self.rng = np.random.default_rng(seed)
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(engine.manifest.eos_token_ids))
-        self.detok = IncrementalDetokenizer(engine.tokenizer, prompt_ids) if engine.tokenizer else None
+        self.detok = IncrementalDetokenizer(engine.tokenizer, prompt_ids) if engine.tokenizer and detokenize else None
+        self.stops = StopStrings(params.stop)
         self.text = ""
         self.streamed = 0  # characters of text handed to a stream
         self.finish_reason: str | None = None
@@ -55,32 +103,26 @@ class Sequence:
         self.history.add(token)
         if token in self.stop_ids:  # the ending id is kept in token_ids, not in the text
             self.finish_reason = "stop"
-        elif self.detok is not None:
-            self.text += self.detok.add(token)
-            if self._cut_at_stop_string():
-                return
+        elif self.detok is not None and self._add_text(self.detok.add(token)):
+            return
         if self.finish_reason is None and len(self.token_ids) >= self.params.max_new_tokens:
             self.finish_reason = "length"
         if self.finish_reason is not None and self.detok is not None:
-            self.text += self.detok.flush()
-            self._cut_at_stop_string()
+            self._add_text(self.detok.flush())
 
-    def _cut_at_stop_string(self) -> bool:
-        hits = [at for at in (self.text.find(s) for s in self.params.stop) if at >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.finish_reason = "stop"
-        return bool(hits)
+    def _add_text(self, piece: str) -> bool:
+        """Append a decoded piece; cut the text before a stop string it completes (then finished: True)."""
+        at = self.stops.feed(piece)
+        if at is None:
+            self.text += piece
+            return False
+        self.text = self.text[: len(self.text) + at] if at < 0 else self.text + piece[:at]
+        self.finish_reason = "stop"
+        return True
 
     def streamable(self) -> str:
         """New text that can no longer turn into a stop string."""
-        end = len(self.text)
-        if self.finish_reason is None:
-            for stop in self.params.stop:  # hold back a tail that may be the start of a stop string
-                for n in range(min(len(stop) - 1, len(self.text)), 0, -1):
-                    if stop.startswith(self.text[-n:]):
-                        end = min(end, len(self.text) - n)
-                        break
+        end = len(self.text) if self.finish_reason is not None else len(self.text) - self.stops.hold
         piece = self.text[self.streamed : end]
         self.streamed = max(self.streamed, end)
         return piece
@@ -126,10 +168,15 @@ class Engine:
                 yield piece
 
     def tokens(self, prompt, params: SamplingParams | Mapping | None = None) -> Iterator[tuple[int | None, ...]]:
-        """The decode loop at token level: after each step, the new id of every prompt (None once it finished)."""
+        """The decode loop at token level: after each step, the new id of every prompt (None once it finished).
+
+        Nothing is detokenized, unless params has stop strings: those are matched on the text, so only then is it
+        decoded, and the ids end where generate()'s would.
+        """
         prompts, _ = self.prompt_ids(prompt)
+        params = self._params(params)
         counts = [0] * len(prompts)
-        for sequences in self._decode(prompts, self._params(params)):
+        for sequences in self._decode(prompts, params, detokenize=bool(params.stop)):
             step = []
             for row, seq in enumerate(sequences):
                 fresh = len(seq.token_ids) > counts[row]
@@ -142,6 +189,21 @@ class Engine:
             raise InvalidPromptError(f"{self.directory} has no tokenizer; pass token ids instead of text")
         _check_text(text, "text")
         return self.tokenizer.encode(text)
+
+    def score(self, prompt, *, top_logprobs: int = 0, window: int | None = None, stride: int | None = None):
+        """The log-probability of each prompt token after the first under the model, optionally with the
+        `top_logprobs` most likely alternatives at each position: a fastllm.score.Score (arrays, sum, mean,
+        perplexity) for one prompt, a list for a batch (prompts as generate() takes them; see prompt_token_ids).
+
+        Computed from the raw logits (no temperature or penalties), log-softmax in float64. A prompt longer than the
+        context (+1: its last token is only predicted) is a ContextLengthError unless `window` asks to score it in
+        windows of that many tokens every `stride` (see fastllm.score.score_ids).
+        """
+        from fastllm.score import score_ids
+
+        prompts, single = self.prompt_ids(prompt)
+        scores = score_ids(self, prompts, top_logprobs=top_logprobs, window=window, stride=stride)
+        return scores[0] if single else scores
 
     def prompt_ids(self, prompt) -> tuple[list[list[int]], bool]:
         """The token ids of each prompt, checked against the vocabulary, and whether `prompt` was one prompt.
@@ -166,15 +228,20 @@ class Engine:
         return params.replace(**overrides) if overrides else params
 
     # -- the one decode loop ----------------------------------------------------------------------------------
-    def _decode(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[Sequence]]:
+    def _decode(self, prompts: list[list[int]], params: SamplingParams, *,
+                detokenize: bool = True) -> Iterator[list[Sequence]]:
         """Prefill all prompts (padded to one width as the graph's cache lays them out), then decode one token per row
         per step.
 
-        Yields the sequences after every step; stops when every row has finished.
+        Yields the sequences after every step; stops when every row has finished. detokenize=False keeps no text
+        (stop strings then need it: tokens() asks for it only when there are some).
         """
         self._check_fits(prompts, params)
+        if params.stop and self.tokenizer is None:
+            raise InvalidParameterError(f"stop strings {list(params.stop)} need a tokenizer and {self.directory} has "
+                                        "none; use stop_token_ids instead")
         batch, width = len(prompts), max(len(p) for p in prompts)
-        sequences = [Sequence(p, params, self, None if params.seed is None else params.seed + i)
+        sequences = [Sequence(p, params, self, None if params.seed is None else params.seed + i, detokenize)
                      for i, p in enumerate(prompts)]
         pad = self.manifest.pad_token_id if self.manifest.pad_token_id is not None else 0
         cache = self.session.new_cache(batch, width, params.max_new_tokens)
