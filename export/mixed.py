@@ -21,10 +21,10 @@ import numpy as np
 import onnx
 
 import fastllm
-from fastllm.export.quality import log_softmax, prompt_logits
 from fastllm.export.quantized_graph import lm_head, matmul_labels, weight_matmuls, weight_only
 from fastllm.export.trace import GRAPH_FILE
 from fastllm.perplexity import perplexity
+from fastllm.score import log_softmax, prompt_logits
 
 CALIBRATION_WINDOWS = 4  # windows of CALIBRATION_WINDOW tokens for the KL of each probe
 CALIBRATION_WINDOW = 128

@@ -20,6 +20,7 @@ import fastllm
 from fastllm.errors import ExportError
 from fastllm.export.precision import PRECISIONS
 from fastllm.perplexity import perplexity
+from fastllm.score import log_softmax, prompt_logits
 
 EVAL_TOKENS = 16384  # perplexity in the report: at most this many held-out tokens (a 49k vocabulary is slow)
 # Without usable text: SAMPLES sequences of one window each, sampled from the fp32 model. 8 x 256 = 2048 predicted
@@ -81,18 +82,6 @@ def sequences_perplexity(engine, sequences: list[list[int]], window: int) -> dic
 
 
 # -- the measurements -----------------------------------------------------------------------------------------------
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64) - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def prompt_logits(engine, ids: list[int]) -> np.ndarray:
-    """Logits at every position of one prompt, (S, V)."""
-    s = engine.session
-    cache, binding = s.new_cache(1, len(ids), 0), s.ort.io_binding()
-    return s.forward(cache, binding, cache.prefill([ids], 0), logits_to_keep=len(ids))[0]
-
-
 def next_token_stats(reference, candidate, prompts) -> dict:
     """|Δlogits| and KL(reference || candidate) of next-token distributions, at every prompt position."""
     diffs, kls, finite = [], [], True

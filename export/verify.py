@@ -1,8 +1,9 @@
 """Stage: check an exported model directory against the PyTorch reference, through the fastllm runtime itself.
 
-Both sides get the same batch of prompts of different lengths (left padded): logits of the whole prefill and of
-every following decode step through the KV cache are compared, and fastllm's greedy tokens must equal the
-reference's greedy tokens (EOS ignored on both sides so the full length is compared).
+PyTorch decodes a batch of prompts of different lengths (left padded) greedily. fastllm's logits of each whole
+prompt (prefill) and of every following decode step through the KV cache, fed the reference's tokens, are compared
+with the reference's, and fastllm's greedy tokens for the batch must equal the reference's greedy tokens (EOS
+ignored on both sides so the full length is compared).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 import fastllm
 from fastllm.errors import VerificationError
+from fastllm.score import prompt_logits
 
 FP32_RTOL = 1e-4  # max |Δlogits| <= FP32_RTOL * max(1, max |logit|)
 
@@ -88,25 +90,23 @@ def verify(hf_model, model_dir: Path, *, prompt_lengths=(5, 11), decode_steps: i
     steps = max(decode_steps, new_tokens)
     ref_logits, ref_tokens = reference_steps(hf_model.float().eval(), ids, mask, steps)
 
-    # fastllm side: the same prompts through the runtime's session and cache, feeding the reference's tokens.
-    # Prefill logits come back aligned to each row's last token, as the left-padded reference's are.
-    session = engine.session
-    width = ids.shape[1]
-    cache, binding = session.new_cache(len(prompts), width, steps), session.ort.io_binding()
-    got = [session.forward(cache, binding, cache.prefill(prompts, pad), logits_to_keep=width)]
-    for step in range(steps):
-        got.append(session.forward(cache, binding, cache.decode(ref_tokens[:, step : step + 1].copy())))
-
+    # fastllm side: each prompt followed by the reference's tokens, through the runtime's scoring path: the prompt
+    # prefilled, then one token per decode step through the KV cache (the batched, padded path is checked by the
+    # greedy generation below).
+    width, vocab = ids.shape[1], ref_logits[0].shape[-1]
     worst, worst_step, max_logit = 0.0, "prefill", 0.0
-    real = mask.astype(bool)  # only real (unpadded) prefill positions carry meaning
-    for i, (ref, out) in enumerate(zip(ref_logits, got)):
-        if out.shape != ref.shape:
-            raise VerificationError(f"step {i}: logits shape {out.shape} != reference {ref.shape}")
-        diff = np.abs(out - ref)[real] if i == 0 else np.abs(out - ref)
-        scale = np.abs(ref[real]) if i == 0 else np.abs(ref)
-        max_logit = max(max_logit, float(scale.max()))
-        if float(diff.max()) > worst:
-            worst, worst_step = float(diff.max()), "prefill" if i == 0 else f"decode {i}"
+    for row, p in enumerate(prompts):
+        got = prompt_logits(engine, p + ref_tokens[row].tolist(), decode_after=len(p))  # (len(p) + steps, V)
+        if got.shape[-1] != vocab:
+            raise VerificationError(f"logits have {got.shape[-1]} entries per position, the reference {vocab}")
+        # prefill: the left-padded reference's real positions; decode step i: the reference's (B, 1, V) step i
+        pairs = [("prefill", got[: len(p)], ref_logits[0][row, width - len(p) :])]
+        pairs += [(f"decode {i}", got[len(p) + i - 1], ref_logits[i][row, 0]) for i in range(1, steps + 1)]
+        for step, out, ref in pairs:
+            diff = float(np.abs(out - ref).max())
+            max_logit = max(max_logit, float(np.abs(ref).max()))
+            if diff > worst:
+                worst, worst_step = diff, step
 
     greedy = engine.generate(prompts, fastllm.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     ours = np.array([c.token_ids for c in greedy])  # (B, new_tokens)

@@ -1,4 +1,4 @@
-"""Perplexity of a model directory on a text, through the runtime: full logits over non-overlapping windows."""
+"""Perplexity of a model directory on a text, through the runtime: scored in non-overlapping windows."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastllm.errors import InvalidParameterError, InvalidPromptError
+from fastllm.score import LOGITS_BUDGET, score_ids, token_logprobs
 
-LOGITS_BUDGET = 64 * 2**20  # floats of logits held at once (batch x window x vocab)
+__all__ = ["LOGITS_BUDGET", "Perplexity", "log_softmax_pick", "perplexity", "windows"]
 
 
 @dataclass(frozen=True)
@@ -35,25 +36,18 @@ def windows(ids, window: int) -> tuple[np.ndarray, np.ndarray]:
 
 def log_softmax_pick(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """logits (B, S, V), targets (B, S) -> log p(target), (B, S), in float64."""
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    log_z = np.log(np.exp(x).sum(axis=-1))
-    return np.take_along_axis(x, targets[..., None], axis=-1)[..., 0] - log_z
+    return token_logprobs(logits, targets)
 
 
 def perplexity(engine, text_or_ids, *, window: int | None = None) -> Perplexity:
+    """Over the whole windows of `window` tokens (default min(context, 512)) the text fills; the tail is left out."""
     m = engine.manifest
     window = window or min(m.max_context, 512)
     if not 2 <= window <= m.max_context:
         raise InvalidParameterError(f"window must be in [2, {m.max_context}] for this model, got {window}")
-    ids = engine.encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
-    inputs, targets = windows(ids, window)
-    rows = max(1, LOGITS_BUDGET // (window * m.vocab_size))
-    session, total = engine.session, 0.0
-    for start in range(0, len(inputs), rows):
-        x, y = inputs[start : start + rows], targets[start : start + rows]
-        cache, binding = session.new_cache(len(x), window, 0), session.ort.io_binding()
-        logits = session.forward(cache, binding, cache.prefill(x.tolist(), 0), logits_to_keep=window)
-        total -= float(log_softmax_pick(logits, y).sum())
-    count = targets.size
-    return Perplexity(ppl=math.exp(total / count), mean_nll=total / count, tokens=count, window=window)
+    prompts, single = engine.prompt_ids(text_or_ids)
+    if not single:
+        raise InvalidPromptError("perplexity takes one text or one list of token ids, not a batch")
+    count = windows(prompts[0], window)[1].size
+    (score,) = score_ids(engine, [prompts[0][: count + 1]], window=window)
+    return Perplexity(ppl=math.exp(-score.mean), mean_nll=-score.mean, tokens=count, window=window)
