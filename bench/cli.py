@@ -24,7 +24,7 @@ def _ints(name: str):
 def register(subparsers) -> None:
     from fastllm.bench.engines import ENGINE_NAMES
     from fastllm.bench.shapes import SHAPES
-    from fastllm.bench.workload import Workload
+    from fastllm.bench.workload import SAMPLINGS, Workload
 
     d = Workload()
     p = subparsers.add_parser(
@@ -46,6 +46,11 @@ def register(subparsers) -> None:
                    help="comma-separated; lengths that do not fit the context with the new tokens are left out")
     p.add_argument("--new-tokens", type=int, default=d.new_tokens)
     p.add_argument("--batch-sizes", default=",".join(map(str, d.batch_sizes)))
+    p.add_argument("--sampling", default=",".join(d.sampling),
+                   help="sampling modes timed per case, comma-separated: "
+                        + "; ".join(str(s) for s in SAMPLINGS.values())
+                        + ". EOS is ignored in every mode, so runs have the same length; results.md puts each "
+                          "engine's sampled TPOT beside its greedy TPOT")
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--runs", type=int, default=d.runs, help="timed runs per case (medians and min/max reported)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed runs before them")
@@ -64,7 +69,9 @@ def run(args) -> int:
         raise BenchError(f"`fastllm bench` needs the export and bench extras ({e.name} is missing): "
                          "pip install torch==2.13.0 'fastllm[export,bench]'") from None
     workload = Workload(prompt_lengths=_ints("--prompt-lengths")(args.prompt_lengths), new_tokens=args.new_tokens,
-                        batch_sizes=_ints("--batch-sizes")(args.batch_sizes), threads=args.threads, runs=args.runs,
+                        batch_sizes=_ints("--batch-sizes")(args.batch_sizes),
+                        sampling=tuple(s.strip() for s in args.sampling.split(",") if s.strip()),
+                        threads=args.threads, runs=args.runs,
                         warmup=args.warmup, seed=args.seed)
     options = runner.BenchOptions(
         shapes=tuple(args.shape), workload=workload, engines=tuple(e.strip() for e in args.engines.split(",") if e),

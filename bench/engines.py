@@ -1,5 +1,5 @@
-"""The engines compared, one adapter each: load a model, then generate exactly N tokens per row, greedy, with a
-timestamp after every step.
+"""The engines compared, one adapter each: load a model, then generate exactly N tokens per row, greedy or sampled
+(bench.workload.SAMPLINGS), with a timestamp after every step.
 
     torch-fp32, torch-bf16   transformers `generate` (eager PyTorch, its KV cache), on the shape's HF directory
     fastllm                  fastllm.load + Engine.tokens, on each fastllm model directory (label from its manifest)
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fastllm.bench.errors import BenchError
+from fastllm.bench.workload import Sampling
 
 ENGINE_NAMES = ("torch-fp32", "torch-bf16", "fastllm", "optimum", "genai")
 REFERENCE = "torch-fp32"  # ratios in the report are against this engine
@@ -146,7 +147,8 @@ class _Stamps:
 
 
 class TorchRunner:
-    """transformers `generate`: greedy, KV cache, min_new_tokens = max_new_tokens so EOS cannot end it early."""
+    """transformers `generate`: KV cache, min_new_tokens = max_new_tokens so EOS cannot end it early. Sampled: top_k=0
+    (transformers would otherwise add its default top-k of 50, which the other engines do not apply)."""
 
     def __init__(self, spec: EngineSpec, threads: int):
         import torch
@@ -172,16 +174,20 @@ class TorchRunner:
         dtype = {"fp32": self.torch.float32, "bf16": self.torch.bfloat16}[spec.precision]
         return AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype).eval()
 
-    def generate(self, ids: np.ndarray, new_tokens: int) -> Timing:
+    def generate(self, ids: np.ndarray, new_tokens: int, sampling: Sampling, seed: int) -> Timing:
         torch = self.torch
         input_ids = torch.from_numpy(ids)  # (batch, prompt_length) int64
         mask = torch.ones_like(input_ids)
         stamps = _Stamps()
+        mode = {"do_sample": False} if sampling.greedy else {
+            "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0,
+            "repetition_penalty": sampling.repetition_penalty}
+        torch.manual_seed(seed)
         with torch.inference_mode():
             start = time.perf_counter()
             out = self.model.generate(input_ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                                      streamer=stamps, pad_token_id=self.pad_id)  # (batch, prompt + new)
+                                      min_new_tokens=new_tokens, num_beams=1, use_cache=True, streamer=stamps,
+                                      pad_token_id=self.pad_id, **mode)  # (batch, prompt + new)
         return Timing(start, stamps.times, out[0, ids.shape[1]:].tolist())
 
 
@@ -210,9 +216,11 @@ class FastLLMRunner:
         m = self.engine.manifest
         return {"graph": m.graph.kind, "precision": m.precision, "quantization": m.quantization}
 
-    def generate(self, ids: np.ndarray, new_tokens: int) -> Timing:
+    def generate(self, ids: np.ndarray, new_tokens: int, sampling: Sampling, seed: int) -> Timing:
         prompts = ids.tolist()  # batch of id lists
-        params = self.fastllm.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        params = self.fastllm.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, seed=seed,
+                                             temperature=sampling.temperature, top_p=sampling.top_p,
+                                             repetition_penalty=sampling.repetition_penalty)
         stamps, first_row = [], []
         start = time.perf_counter()
         for step in self.engine.tokens(prompts, params):  # a tuple with each row's new id
@@ -233,11 +241,14 @@ class GenaiRunner:
         self.og = og
         self.model = og.Model(spec.model_path)
 
-    def generate(self, ids: np.ndarray, new_tokens: int) -> Timing:
+    def generate(self, ids: np.ndarray, new_tokens: int, sampling: Sampling, seed: int) -> Timing:
         og = self.og
         batch, length = ids.shape
         params = og.GeneratorParams(self.model)
-        search = dict(max_length=length + new_tokens, min_length=length + new_tokens, do_sample=False)
+        search = {"max_length": length + new_tokens, "min_length": length + new_tokens, "do_sample": not sampling.greedy}
+        if not sampling.greedy:  # genai's own top_k (default 50) stays: it has no "off"
+            search.update(temperature=sampling.temperature, top_p=sampling.top_p,
+                          repetition_penalty=sampling.repetition_penalty, random_seed=seed)
         try:
             params.set_search_options(batch_size=batch, **search)
         except Exception:  # noqa: BLE001 -- newer releases take the batch size from append_tokens

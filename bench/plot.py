@@ -1,5 +1,5 @@
-"""results.png: per shape, TTFT against prompt length and TPOT p50 against prompt length, one line per engine
-(solid for the smallest batch, dashed for the largest), with min–max bars over runs. Needs matplotlib (the `bench`
+"""results.png: per shape, TTFT against prompt length and TPOT p50 against prompt length, one line per engine and
+sampling mode (solid for the smallest batch, dashed for the largest), with min–max bars over runs. Needs matplotlib (the `bench`
 extra); without it the plot is skipped with a note."""
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ def write_plot(results: dict, path: Path) -> Path | None:
         ok = [r for r in shape["results"] if "error" not in r]
         batches = sorted({r["batch"] for r in ok})
         styles = {b: "-" if b == batches[0] else (0, (4, 2 + 2 * i)) for i, b in enumerate(batches)}
-        labels = list(dict.fromkeys(r["label"] for r in ok))
+        labels = list(dict.fromkeys((r["label"], r.get("sampling", "greedy")) for r in ok))
         colors = {label: f"C{i}" for i, label in enumerate(labels)}
         for ax, (metric, ylabel, title) in zip(row_axes, PANELS):
             for label in labels:
                 for batch in batches:
-                    points = sorted((r for r in ok if r["label"] == label and r["batch"] == batch),
-                                    key=lambda r: r["prompt_length"])
+                    points = sorted((r for r in ok if (r["label"], r.get("sampling", "greedy")) == label
+                                     and r["batch"] == batch), key=lambda r: r["prompt_length"])
                     if not points:
                         continue
                     x = [r["prompt_length"] for r in points]
@@ -38,7 +38,7 @@ def write_plot(results: dict, path: Path) -> Path | None:
                     low = [m - r["summary"][metric]["min"] * 1e3 for m, r in zip(med, points)]
                     high = [r["summary"][metric]["max"] * 1e3 - m for m, r in zip(med, points)]
                     ax.errorbar(x, med, yerr=[low, high], color=colors[label], linestyle=styles[batch], marker="o",
-                                markersize=4, capsize=3, label=f"{label}, batch {batch}")
+                                markersize=4, capsize=3, label=f"{label[0]}, {label[1]}, batch {batch}")
             ax.set_xscale("log", base=2)
             lengths = sorted({r["prompt_length"] for r in ok})
             ax.set_xticks(lengths, [str(n) for n in lengths])

@@ -128,17 +128,19 @@ def _run_shape(name: str, extra_dirs: list[Path], options: BenchOptions, notes: 
         engines.append({**spec.to_dict(), "model_size_bytes": size})
 
     rows = []
-    total = len(cases) * len(runnable)
+    total = len(cases) * len(workload.sampling) * len(runnable)
     for case in cases:
         ids = workload.prompt_ids(case, shape.vocab_size)  # (batch, prompt_length), shared by every engine
-        for spec in runnable:
-            t0 = time.perf_counter()
-            result = run_worker(spec, ids, new_tokens=workload.new_tokens, threads=workload.threads,
-                                runs=workload.runs, warmup=workload.warmup, timeout_s=options.timeout_s)
-            rows.append({"engine": spec.name, "label": spec.label, "prompt_length": case.prompt_length,
-                         "batch": case.batch, **result})
-            progress(f"{_clock(started)} [{len(rows)}/{total}] {name} | {spec.label} | {case} | "
-                     f"{_brief(result)} | {time.perf_counter() - t0:.1f} s")
+        for sampling in workload.samplings():  # greedy and sampled of one engine close in time, for their ratio
+            for spec in runnable:
+                t0 = time.perf_counter()
+                result = run_worker(spec, ids, new_tokens=workload.new_tokens, threads=workload.threads,
+                                    runs=workload.runs, warmup=workload.warmup, sampling=sampling,
+                                    seed=workload.seed, timeout_s=options.timeout_s)
+                rows.append({"engine": spec.name, "label": spec.label, "prompt_length": case.prompt_length,
+                             "batch": case.batch, "sampling": sampling.name, **result})
+                progress(f"{_clock(started)} [{len(rows)}/{total}] {name} | {spec.label} | {case} | "
+                         f"{sampling.name} | {_brief(result)} | {time.perf_counter() - t0:.1f} s")
     return {"name": name, "architecture": shape.architecture, "parameters": built.parameters,
             "max_context": context, "hf_dir": str(built.hf_dir), "prompt_lengths_dropped": dropped,
             "engines": engines, "results": rows}

@@ -2,7 +2,7 @@
 
     python -m fastllm.bench.workers JOB.json RESULT.json SPAWNED_AT
 
-The parent (`run_worker`) writes the job (engine, prompt ids, new tokens, threads, runs) and notes the wall-clock
+The parent (`run_worker`) writes the job (engine, prompt ids, new tokens, sampling mode, threads, runs) and notes the wall-clock
 time just before it starts the process; the worker loads the engine, runs the warm-up and the timed runs, and
 writes every run's numbers plus load time, cold start and peak RSS.
 """
@@ -22,6 +22,7 @@ import numpy as np
 
 from fastllm.bench.engines import RUNNERS, EngineSpec
 from fastllm.bench.metrics import run_metrics, summarise
+from fastllm.bench.workload import SAMPLINGS, Sampling
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,11 +49,12 @@ def worker_env(threads: int) -> dict:
 
 
 def run_worker(spec: EngineSpec, ids: np.ndarray, *, new_tokens: int, threads: int, runs: int, warmup: int,
-               timeout_s: float | None = None) -> dict:
+               sampling: Sampling = SAMPLINGS["greedy"], seed: int = 0, timeout_s: float | None = None) -> dict:
     """Measure one engine on one batch of prompts (batch, prompt_length) in a new process. Returns its result dict;
-    a failure is returned as {"error": "..."} so one broken engine does not end the whole benchmark."""
+    a failure is returned as {"error": "..."} so one broken engine does not end the whole benchmark. `seed` seeds
+    the engine's sampling (each run starts from it)."""
     job = {"engine": spec.to_dict(), "prompt_ids": ids.tolist(), "new_tokens": new_tokens, "threads": threads,
-           "runs": runs, "warmup": warmup}
+           "runs": runs, "warmup": warmup, "sampling": sampling.name, "seed": seed}
     with tempfile.TemporaryDirectory(prefix="fastllm-bench-") as tmp:
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_path.write_text(json.dumps(job))
@@ -73,6 +75,7 @@ def measure(job: dict, spawned_at: float) -> dict:
     spec = EngineSpec(**job["engine"])
     ids = np.asarray(job["prompt_ids"], dtype=np.int64)  # (batch, prompt_length)
     new_tokens, batch = job["new_tokens"], ids.shape[0]
+    sampling, seed = SAMPLINGS[job.get("sampling", "greedy")], job.get("seed", 0)
 
     t0 = time.perf_counter()
     runner = RUNNERS[spec.kind](spec, job["threads"])
@@ -81,7 +84,7 @@ def measure(job: dict, spawned_at: float) -> dict:
 
     timed, warm, tokens, first_token = [], [], None, None
     for i in range(job["warmup"] + job["runs"]):
-        t = runner.generate(ids, new_tokens)
+        t = runner.generate(ids, new_tokens, sampling, seed)
         if len(t.stamps) != new_tokens or any(tok is None for tok in t.first_row):
             raise RuntimeError(f"{spec.label} produced {len(t.stamps)} steps, expected exactly {new_tokens}")
         first_token = first_token if first_token is not None else t.stamps[0]
@@ -95,7 +98,7 @@ def measure(job: dict, spawned_at: float) -> dict:
         "rss_after_load_bytes": rss_after_load,
         "torch_imported": "torch" in sys.modules,
         "details": runner.details() if hasattr(runner, "details") else {},  # e.g. torch's attention implementation
-        "tokens": tokens,  # row 0's new ids in the last run: a check that engines run the same weights
+        "tokens": tokens,  # row 0's new ids in the last run: greedy, a check that engines run the same weights
         "summary": summarise(timed),
         "runs": timed,
         "warmup_runs": warm,

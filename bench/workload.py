@@ -1,4 +1,5 @@
-"""What is timed: prompt lengths x batch sizes, new tokens, threads, runs; and the prompt ids every engine gets."""
+"""What is timed: prompt lengths x batch sizes x sampling modes, new tokens, threads, runs; and the prompt ids every
+engine gets."""
 
 from __future__ import annotations
 
@@ -28,10 +29,35 @@ class Case:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How every engine picks tokens in one mode; EOS is ignored either way, so every run has the same length."""
+
+    name: str
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def __str__(self) -> str:
+        if self.greedy:
+            return self.name
+        return (f"{self.name} (temperature {self.temperature}, top_p {self.top_p}, repetition penalty "
+                f"{self.repetition_penalty})")
+
+
+SAMPLINGS = {s.name: s for s in (Sampling("greedy"),
+                                 Sampling("sampled", temperature=0.8, top_p=0.95, repetition_penalty=1.1))}
+
+
+@dataclass(frozen=True)
 class Workload:
     prompt_lengths: tuple[int, ...] = (32, 128, 512)
     new_tokens: int = 64  # every engine generates exactly this many per row (EOS ignored)
     batch_sizes: tuple[int, ...] = (1, 4)
+    sampling: tuple[str, ...] = ("greedy", "sampled")  # modes timed per case (SAMPLINGS), in this order
     threads: int = 2  # intra-op threads of every engine
     runs: int = 3  # timed runs per case; medians and min/max are reported over these
     warmup: int = 1  # untimed runs first, in the same process
@@ -40,6 +66,10 @@ class Workload:
     def __post_init__(self):
         object.__setattr__(self, "prompt_lengths", _positive_ints("prompt_lengths", self.prompt_lengths))
         object.__setattr__(self, "batch_sizes", _positive_ints("batch_sizes", self.batch_sizes))
+        modes = tuple(dict.fromkeys((self.sampling,) if isinstance(self.sampling, str) else self.sampling))
+        if not modes or any(m not in SAMPLINGS for m in modes):
+            raise InvalidParameterError(f"sampling must be one or more of {', '.join(SAMPLINGS)}, got {modes!r}")
+        object.__setattr__(self, "sampling", modes)
         for name, low in (("new_tokens", 2), ("threads", 1), ("runs", 1), ("warmup", 0), ("seed", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -56,5 +86,8 @@ class Workload:
         rng = np.random.default_rng([self.seed, case.prompt_length, case.batch])
         return rng.integers(0, vocab_size, size=(case.batch, case.prompt_length), dtype=np.int64)
 
+    def samplings(self) -> list[Sampling]:
+        return [SAMPLINGS[name] for name in self.sampling]
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "sampling": {s.name: asdict(s) for s in self.samplings()}}

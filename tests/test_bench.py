@@ -24,8 +24,21 @@ def bench_run(tmp_path_factory):
     out = root / "out"
     code = main(["bench", "--shape", "tiny", "--engines", "torch-fp32,fastllm,genai", "--prompt-lengths", "8,300",
                  "--new-tokens", str(NEW_TOKENS), "--batch-sizes", "2", "--threads", "1", "--runs", "1",
-                 "--precisions", "fp32,int4",
+                 "--precisions", "fp32,int4", "--sampling", "greedy",
                  "--work-dir", str(root / "work"), "--out", str(out)])
+    assert code == 0
+    return root, out, json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sampled_run(bench_run):
+    """A second run on the models the first one built: eager fp32 and fastllm fused fp32, greedy and sampled."""
+    root, _, _ = bench_run
+    out = root / "out-sampled"
+    code = main(["bench", "--shape", "tiny", "--engines", "torch-fp32,fastllm", "--graphs", "fused",
+                 "--prompt-lengths", "8", "--new-tokens", str(NEW_TOKENS), "--batch-sizes", "2", "--threads", "1",
+                 "--runs", "1", "--warmup", "0", "--sampling", "greedy,sampled", "--work-dir", str(root / "work"),
+                 "--out", str(out)])
     assert code == 0
     return root, out, json.loads((out / "results.json").read_text())
 
@@ -117,8 +130,40 @@ def test_prompt_ids_are_seeded_and_in_vocabulary():
     assert not (a == Workload(seed=8).prompt_ids(Case(16, 3), 512)).all()
 
 
+def test_sampled_workload_beside_greedy(sampled_run):
+    import fastllm
+
+    _, out, results = sampled_run
+    assert results["workload"]["sampling"]["sampled"] == {"name": "sampled", "temperature": 0.8, "top_p": 0.95,
+                                                          "repetition_penalty": 1.1}
+    rows = results["shapes"][0]["results"]
+    assert [(r["label"], r["sampling"]) for r in rows] == [
+        ("torch eager fp32", "greedy"), ("fastllm fused fp32", "greedy"),
+        ("torch eager fp32", "sampled"), ("fastllm fused fp32", "sampled")]
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert len(row["tokens"]) == NEW_TOKENS and len(row["runs"][0]["steps_s"]) == NEW_TOKENS - 1  # EOS ignored
+    # the sampled row really sampled with the workload's settings and seed: the same ids as the engine gives here
+    path = next(e["model_path"] for e in results["shapes"][0]["engines"] if e["label"] == "fastllm fused fp32")
+    engine = fastllm.load(path, threads=1)
+    ids = Workload(seed=results["workload"]["seed"]).prompt_ids(Case(8, 2), engine.manifest.vocab_size)
+    params = fastllm.SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True, temperature=0.8, top_p=0.95,
+                                    repetition_penalty=1.1, seed=results["workload"]["seed"])
+    assert list(engine.generate(ids, params)[0].token_ids) == rows[3]["tokens"]
+    md = (out / "results.md").read_text()
+    assert "sampling: greedy (argmax); sampled (temperature 0.8, top_p 0.95, repetition penalty 1.1)" in md
+    assert "| engine | prompt | batch | sampling |" in md
+    torch_sampled = [line for line in md.splitlines() if line.startswith("| torch eager fp32 | 8 | 2 | sampled |")]
+    assert len(torch_sampled) == 1 and "| 1.00 |" in torch_sampled[0] and torch_sampled[0].endswith("| – |")
+    cost = md[md.index("sampled ÷ greedy TPOT"):].splitlines()
+    assert cost[2].startswith("| engine | prompt | batch | greedy TPOT p50 ms | sampled TPOT p50 ms | sampled/greedy")
+    ratios = {line.split(" | ")[0][2:]: float(line.split(" | ")[-1].rstrip(" |")) for line in cost[4:6]}
+    g, s = (r["summary"]["tpot_p50_s"]["median"] for r in (rows[1], rows[3]))
+    assert set(ratios) == {"torch eager fp32", "fastllm fused fp32"} and ratios["fastllm fused fp32"] == round(s / g, 2)
+
+
 @pytest.mark.parametrize("field, value", [("new_tokens", 1), ("runs", 0), ("threads", 0), ("prompt_lengths", ()),
-                                          ("batch_sizes", (0,))])
+                                          ("batch_sizes", (0,)), ("sampling", ("beam",)), ("sampling", ())])
 def test_workload_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(InvalidParameterError, match=field):
         Workload(**{field: value})
