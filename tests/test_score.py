@@ -71,6 +71,16 @@ def test_top_logprobs_are_numpys_top_n_of_the_log_softmax(engines, graph):
     assert np.exp(whole.top_logprobs).sum(-1) == pytest.approx(1.0)
 
 
+def test_top_n_breaks_ties_by_lower_id():
+    rng = np.random.default_rng(6)
+    for vocab, n in [(1, 1), (5, 2), (10, 10), (3000, 7), (40000, 20), (40000, 1)]:
+        values = rng.integers(0, 4, (3, vocab)).astype(np.float64)  # many ties
+        ids, top = scoring.top_n(values, n)
+        expected = np.argsort(-values, axis=-1, kind="stable")[:, :n]
+        assert ids.tolist() == expected.tolist() and top.tolist() == np.take_along_axis(values, expected, -1).tolist()
+    assert scoring.top_n(values, 0)[0].shape == (3, 0)
+
+
 def test_a_prompt_of_one_token_has_no_scored_positions(engines):
     engine = engines["LlamaForCausalLM"]
     one, two = engine.score([[5], [5, 6]], top_logprobs=3)
