@@ -1,10 +1,17 @@
-"""SamplingParams and the one `sample()` that turns a row of logits into a token id."""
+"""SamplingParams, and the Sampler that turns rows of logits into token ids (and their log-probabilities).
+
+The cost per token is a small fraction of a decode step at any vocabulary size: the logits stay float32 and are
+read in place (penalties write the seen ids and put them back), a full pass over the vocabulary is made only where
+the distribution needs the whole normaliser (plain temperature, top-p, logprobs), and top-k / top-p / min-p work on a
+bounded candidate set found from a threshold, never by sorting the vocabulary.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +53,9 @@ def _ints(value, name: str) -> tuple:
     return tuple(value.tolist() if isinstance(value, np.ndarray) else value)
 
 
+MAX_LOGPROBS = 20  # the most alternatives `logprobs` / `prompt_logprobs` may ask for (OpenAI's limit)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. temperature == 0 is greedy; the filters apply in the order listed here.
@@ -53,6 +63,9 @@ class SamplingParams:
     repetition_penalty follows the CTRL / Hugging Face rule over prompt and output tokens (a seen token's positive
     logit is divided by it, a negative one multiplied); presence_penalty and frequency_penalty follow the OpenAI
     rule over output tokens (logit -= presence * [count > 0] + frequency * count).
+
+    logprobs are those of the distribution after the penalties and the temperature, before top_k / top_p / min_p
+    truncate it (greedy: after the penalties, at temperature 1); see Sampler.sample.
     """
 
     max_new_tokens: int = 128
@@ -67,6 +80,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # ends the sequence in addition to the model's EOS ids
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     seed: int | None = None
+    logprobs: int | None = None  # per generated token: its logprob and the N most likely alternatives (0 = its own)
+    prompt_logprobs: int | None = None  # the same for every prompt token (as Engine.score computes them)
 
     def __post_init__(self):
         object.__setattr__(self, "stop", _strings(self.stop, "stop"))
@@ -94,6 +109,11 @@ class SamplingParams:
                f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         _check(isinstance(self.ignore_eos, (bool, np.bool_)),
                f"ignore_eos must be True or False, {_got(self.ignore_eos, False)}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            type_ok = value is None or _is_int(value)
+            _check(value is None or _is_int(value) and 0 <= value <= MAX_LOGPROBS,
+                   f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, {_got(value, type_ok)}")
         seed_type_ok = self.seed is None or _is_int(self.seed)
         _check(self.seed is None or _is_int(self.seed) and self.seed >= 0,
                f"seed must be a non-negative integer or None, {_got(self.seed, seed_type_ok)}")
@@ -129,6 +149,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
 
 FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
@@ -149,74 +173,327 @@ def as_params(value) -> SamplingParams:
                                 f"{type(value).__name__}")
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token's log-probability and the `logprobs` most likely alternatives, most likely first.
+
+    Of the distribution after the penalties and the temperature, before top_k / top_p / min_p (greedy: after the
+    penalties, at temperature 1), so a truncated-away alternative keeps its logprob and the values sum to <= 1.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # ((id, logprob), ...), len == params.logprobs
+
+
 class TokenHistory:
-    """What the penalties need for one sequence: which tokens were seen, and how often each was generated."""
+    """What the penalties need for one sequence: the distinct ids seen (prompt and output) and how often each was
+    generated, kept compact (the penalties touch these ids only, never a vocabulary-sized mask)."""
 
     def __init__(self, vocab_size: int, prompt_ids):
-        self.seen = np.zeros(vocab_size, dtype=bool)
-        self.seen[np.asarray(prompt_ids, dtype=np.int64)] = True
-        self.counts = np.zeros(vocab_size, dtype=np.int32)
+        self.vocab_size = vocab_size
+        prompt = np.unique(np.asarray(prompt_ids, dtype=np.int64))
+        capacity = max(64, 2 * prompt.size)
+        self._ids = np.zeros(capacity, dtype=np.int64)  # (capacity,): distinct ids in order of first sight
+        self._ids[: prompt.size] = prompt
+        self._counts = np.zeros(capacity, dtype=np.int32)  # (capacity,): times generated, aligned with _ids
+        self._size = prompt.size
+        self._index = dict(zip(prompt.tolist(), range(prompt.size)))  # id -> its position in _ids
 
     def add(self, token: int) -> None:
-        self.seen[token] = True
-        self.counts[token] += 1
+        at = self._index.get(token)
+        if at is None:
+            if self._size == self._ids.size:
+                self._ids = np.concatenate([self._ids, np.zeros_like(self._ids)])
+                self._counts = np.concatenate([self._counts, np.zeros_like(self._counts)])
+            at = self._index[token] = self._size
+            self._ids[at] = token
+            self._size += 1
+        self._counts[at] += 1
+
+    @property
+    def ids(self) -> np.ndarray:
+        """(n,) int64: every distinct id seen so far."""
+        return self._ids[: self._size]
+
+    @property
+    def counts(self) -> np.ndarray:
+        """(n,) int32: how often each of `ids` was generated (0 for an id seen only in the prompt)."""
+        return self._counts[: self._size]
+
+
+def penalised(values: np.ndarray, params: SamplingParams, history: TokenHistory) -> np.ndarray:
+    """The logits `values` of history.ids after the penalties (a new float32 array)."""
+    if params.repetition_penalty != 1.0:
+        values = np.where(values > 0, values / np.float32(params.repetition_penalty),
+                          values * np.float32(params.repetition_penalty))
+    else:
+        values = values.copy()
+    if params.presence_penalty or params.frequency_penalty:
+        counts = history.counts
+        values -= (params.presence_penalty * (counts > 0) + params.frequency_penalty * counts).astype(np.float32)
+    return values
 
 
 def apply_penalties(logits: np.ndarray, params: SamplingParams, history: TokenHistory | None) -> np.ndarray:
-    if history is None:
-        return logits
-    if params.repetition_penalty != 1.0:
-        seen = history.seen
-        logits[seen] = np.where(logits[seen] > 0, logits[seen] / params.repetition_penalty,
-                                logits[seen] * params.repetition_penalty)
-    if params.presence_penalty or params.frequency_penalty:
-        logits -= params.presence_penalty * (history.counts > 0) + params.frequency_penalty * history.counts
+    """Penalise `logits` (vocab,) in place, at the seen ids only; returns it."""
+    if history is not None and params.penalised:
+        logits[history.ids] = penalised(logits[history.ids], params, history)
     return logits
+
+
+_BLOCK = 1024  # a full-vocabulary draw: cumulative sums of blocks of this size, then a cumsum inside one block
+_SAMPLE = 1024  # entries of a strided sample of the row, from which a threshold for ~n candidates is guessed
+_TOP_P_FIRST = 256  # top-p first tries about this many of the most likely tokens (enough for a peaked distribution)
+
+
+def _candidates(x: np.ndarray, n: int) -> np.ndarray:
+    """Ids of at least the n largest entries of x (vocab,), usually a few times n, in id order.
+
+    The threshold is guessed from a strided sample (one small partition) and checked (one pass over x); if fewer
+    than n entries pass it, every id is a candidate (exact either way, only slower).
+    """
+    if n * 8 >= x.size:
+        return np.arange(x.size)
+    stride = max(1, x.size // _SAMPLE)
+    sample = x[::stride]  # (~_SAMPLE,) view
+    rank = min(sample.size, 2 * -(-n // stride) + 6)  # ~rank * stride entries of x reach the rank-th of the sample
+    threshold = np.partition(sample, sample.size - rank)[sample.size - rank]
+    ids = np.flatnonzero(x >= threshold)
+    return ids if ids.size >= n else np.arange(x.size)
+
+
+def _top(x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n largest entries of x (vocab,): (ids, values), largest first, ties by id."""
+    ids = _candidates(x, n)
+    values = x[ids]
+    if ids.size > n:
+        keep = np.argpartition(values, ids.size - n)[ids.size - n :]
+        ids, values = ids[keep], values[keep]
+    order = np.lexsort((ids, -values))
+    return ids[order], values[order]
+
+
+def _nucleus(kept: np.ndarray, weights: np.ndarray, need: float) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest set of the largest weights whose sum reaches `need`, the one crossing it included (ties at the
+    cut: the first in `kept`). kept (n,) ids, weights (n,) float64; returns them largest first."""
+    order = np.argsort(-weights, kind="stable")  # stable: measured faster than the default on float64 here
+    n = int(np.searchsorted(np.cumsum(weights[order]), need, side="left")) + 1
+    return kept[order[:n]], weights[order[:n]]
+
+
+def _draw(weights: np.ndarray, u: float) -> int:
+    """Inverse CDF: the index i where u * sum(weights) falls, weights (n,) >= 0 and not all 0."""
+    cumulative = np.cumsum(weights, dtype=np.float64)
+    return min(int(np.searchsorted(cumulative, u * cumulative[-1], side="right")), weights.size - 1)
+
+
+class Sampler:
+    """Samples rows of logits; owns its scratch (one vocabulary-sized float32 row), allocated once.
+
+    Make one per decode loop (or per request) and call `sample` once per step for all rows; not thread-safe (the
+    scratch is shared by its calls). The distributions are those of `probabilities`: penalties, temperature,
+    top_k, top_p, min_p, in that order; top_k == 1 or temperature == 0 is the argmax.
+    """
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self._exp = np.empty(vocab_size, dtype=np.float32)  # (vocab,): exp((logits - max) / T) of the current row
+        self._copy: np.ndarray | None = None  # (vocab,) float32, for logits the sampler may not write
+        self._cumulative: np.ndarray | None = None  # block cumsums of _exp when the current row filled it
+        self._offset = 0.0  # _exp = exp(logits / T - _offset)
+        self._ones = np.ones(_BLOCK, dtype=np.float32)  # block sums as one matrix-vector product (BLAS)
+        self._block_sums = np.empty(vocab_size // _BLOCK, dtype=np.float32)  # (blocks,)
+
+    def sample(self, logits: np.ndarray, params: SamplingParams | Sequence[SamplingParams],
+               rngs: Sequence[np.random.Generator], histories: Sequence[TokenHistory | None] | None = None, *,
+               rows: Sequence[int] | None = None) -> tuple[np.ndarray, list[TokenLogprob | None]]:
+        """One token for each of `rows` (default: all) of logits (batch, vocab).
+
+        params: one SamplingParams for every row, or one per row; rngs and histories: one per row of logits
+        (index = row). Returns the ids (len(rows),) int64 and, per row, a TokenLogprob where its params ask for
+        logprobs (else None). Each row draws one rng.random() unless greedy, so a row sampled here gets the token
+        it gets sampled alone with the same rng state. The penalties are written into the seen ids of `logits`
+        and restored before returning (logits that are read-only or not float32 are copied instead).
+        """
+        rows = range(logits.shape[0]) if rows is None else rows
+        ids = np.empty(len(rows), dtype=np.int64)
+        logprobs: list[TokenLogprob | None] = []
+        for i, row in enumerate(rows):
+            p = params if isinstance(params, SamplingParams) else params[row]
+            ids[i], lp = self._row(logits[row], p, rngs[row], None if histories is None else histories[row])
+            logprobs.append(lp)
+        return ids, logprobs
+
+    def sample_one(self, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+                   history: TokenHistory | None = None) -> int:
+        """The token id for one row of logits (vocab,)."""
+        return self._row(logits, params, rng, history)[0]
+
+    def probabilities(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+        """The distribution `sample` draws from for logits (vocab,) already penalised: (vocab,) float64, sums to 1."""
+        x = self._writable(logits)
+        p = np.zeros(x.size)
+        if params.greedy:
+            p[int(np.argmax(x))] = 1.0
+            return p
+        xmax = float(x.max())
+        kept, weights = self._distribution(x, params, xmax)
+        if kept is None:
+            p[:] = self._exp
+            return p / weights[-1]
+        p[kept] = weights
+        return p / weights.sum()
+
+    # -- one row ------------------------------------------------------------------------------------------------
+    def _writable(self, logits: np.ndarray) -> np.ndarray:
+        if logits.dtype == np.float32 and logits.flags.writeable:
+            return logits
+        if self._copy is None:
+            self._copy = np.empty(self.vocab_size, dtype=np.float32)
+        self._copy[:] = logits
+        return self._copy
+
+    def _row(self, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+             history: TokenHistory | None) -> tuple[int, TokenLogprob | None]:
+        x = self._writable(logits)
+        self._cumulative = None
+        seen = original = None
+        if history is not None and params.penalised and history.ids.size:
+            seen = history.ids
+            original = x[seen]  # (n,) put back below: the caller's logits come back unchanged
+            x[seen] = penalised(original, params, history)
+        try:
+            if params.greedy:
+                token, xmax = int(np.argmax(x)), None
+            else:
+                xmax = float(x.max())
+                kept, weights = self._distribution(x, params, xmax)
+                u = rng.random()
+                token = self._draw_full(weights, u) if kept is None else int(kept[_draw(weights, u)])
+            logprob = None if params.logprobs is None else self._logprob(x, params, token, xmax)
+        finally:
+            if seen is not None:
+                x[seen] = original
+        return token, logprob
+
+    def _distribution(self, x: np.ndarray, params: SamplingParams, xmax: float) -> tuple:
+        """What a draw needs for x (vocab,) penalised, temperature > 0: (kept ids in increasing order, their
+        weights (float64)), or (None, block cumsums) to draw over the whole vocabulary from self._exp."""
+        t = params.temperature
+        if 0 < params.top_k < x.size:  # the k largest (all ties of the k-th), then top-p and min-p among them
+            kept = _candidates(x, params.top_k)
+            values = x[kept]
+            if kept.size > params.top_k:
+                kth = np.partition(values, kept.size - params.top_k)[kept.size - params.top_k]
+                kept, values = kept[values >= kth], values[values >= kth]
+            weights = np.exp((values.astype(np.float64) - xmax) / t)
+            if params.top_p < 1.0:
+                kept, weights = _nucleus(kept, weights, params.top_p * weights.sum())
+        elif params.top_p < 1.0:  # the cut needs the whole normaliser: one exp over the vocabulary
+            need = params.top_p * self._exp_row(x, xmax, t)[-1]
+            if params.min_p > 0:  # the nucleus is inside min-p's set or contains it: start from that set
+                kept = np.flatnonzero(x >= xmax + t * math.log(params.min_p))
+                weights = self._exp[kept].astype(np.float64)
+                if weights.sum() < need:
+                    return kept, weights  # top-p would keep more than min-p allows
+            else:
+                kept, weights = self._reaching(x, need)
+            kept, weights = _nucleus(kept, weights, need)
+        elif params.min_p > 0:
+            kept = np.flatnonzero(x >= xmax + t * math.log(params.min_p))
+            return kept, np.exp((x[kept].astype(np.float64) - xmax) / t)
+        else:
+            return None, self._exp_row(x, xmax, t)  # plain temperature: over the whole vocabulary
+        if params.min_p > 0:  # relative to the largest weight, which every filter keeps
+            keep = weights >= params.min_p * weights.max()
+            kept, weights = kept[keep], weights[keep]
+        order = np.argsort(kept)  # draw in id order, as over the whole vocabulary: the same inverse CDF
+        return kept[order], weights[order]
+
+    def _reaching(self, x: np.ndarray, need: float) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates for a nucleus: ids (and weights from self._exp) holding every token above some weight and a
+        mass >= need. First the ~_TOP_P_FIRST most likely; if they fall short, the rest of the mass is estimated
+        from a strided sample of the weights below them, and the guess checked; at worst the whole vocabulary."""
+        e = self._exp
+        kept = _candidates(x, _TOP_P_FIRST)
+        weights = e[kept].astype(np.float64)
+        mass = weights.sum()
+        if mass >= need:
+            return kept, weights
+        stride = max(1, x.size // _SAMPLE)
+        below = np.sort(e[::stride])
+        below = below[: np.searchsorted(below, weights.min(), side="left")][::-1]  # (m,) descending
+        at = int(np.searchsorted(np.cumsum(below, dtype=np.float64) * stride, need - mass))
+        while at < below.size:  # the estimate of a heavy tail is noisy: go deeper until the mass is there
+            kept = np.flatnonzero(e >= below[min(below.size - 1, at + at // 2 + 4)])
+            weights = e[kept].astype(np.float64)
+            if weights.sum() >= need:
+                return kept, weights
+            at = 2 * at + 8
+        return np.arange(x.size), e.astype(np.float64)
+
+    def _exp_row(self, x: np.ndarray, xmax: float, temperature: float) -> np.ndarray:
+        """self._exp = exp(x / temperature - self._offset) (float32, in place; offset 0 unless exp could overflow
+        or underflow, else xmax / temperature); returns its block cumsums (float64), the last the normaliser."""
+        e, scale = self._exp, 1.0 / temperature
+        self._offset = 0.0 if -60 < xmax * scale < 60 else xmax * scale  # e <= e**60: no overflow in the sums
+        if temperature != 1.0:
+            np.multiply(x, np.float32(scale), out=e)
+            if self._offset:
+                np.subtract(e, np.float32(self._offset), out=e)
+        else:
+            np.subtract(x, np.float32(self._offset), out=e)
+        np.exp(e, out=e)
+        blocks = x.size // _BLOCK
+        sums = np.empty(blocks + 1)
+        sums[:blocks] = np.matmul(e[: blocks * _BLOCK].reshape(blocks, _BLOCK), self._ones, out=self._block_sums)
+        sums[blocks] = e[blocks * _BLOCK :].sum()
+        self._cumulative = np.cumsum(sums, out=sums)
+        return self._cumulative
+
+    def _draw_full(self, cumulative: np.ndarray, u: float) -> int:
+        """Inverse CDF over self._exp: find the block from the block cumsums, then the id inside it."""
+        target = u * cumulative[-1]
+        block = min(int(np.searchsorted(cumulative, target, side="right")), cumulative.size - 1)
+        while block > 0 and cumulative[block] == cumulative[block - 1]:  # an empty block (rounding at the end)
+            block -= 1
+        segment = self._exp[block * _BLOCK : (block + 1) * _BLOCK]
+        inside = np.cumsum(segment, dtype=np.float64)
+        at = int(np.searchsorted(inside, target - (cumulative[block - 1] if block else 0.0), side="right"))
+        if at >= segment.size:  # rounding past the block's end: its last likely token
+            at = int(np.flatnonzero(segment)[-1])
+        return block * _BLOCK + at
+
+    def _logprob(self, x: np.ndarray, params: SamplingParams, token: int, xmax: float | None) -> TokenLogprob:
+        """log-softmax(x / T) at the token and the params.logprobs largest (T = 1 when greedy at temperature 0),
+        reusing the row's exp pass when the draw made one (at the same temperature)."""
+        t = params.temperature or 1.0
+        if xmax is None:
+            xmax = float(x.max())
+        cumulative = self._exp_row(x, xmax, t) if self._cumulative is None else self._cumulative
+        shift = t * (self._offset + math.log(cumulative[-1]))  # log-softmax(x / t) = (x - shift) / t
+        top_ids, top_values = _top(x, params.logprobs) if params.logprobs else ((), ())
+        return TokenLogprob(token, (float(x[token]) - shift) / t,
+                            tuple((int(i), (float(v) - shift) / t) for i, v in zip(top_ids, top_values)))
+
+
+_local = threading.local()  # one Sampler per thread and vocabulary size, for the functions below
+
+
+def _sampler(vocab_size: int) -> Sampler:
+    samplers = _local.__dict__.setdefault("samplers", {})
+    if vocab_size not in samplers:
+        samplers[vocab_size] = Sampler(vocab_size)
+    return samplers[vocab_size]
 
 
 def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """The distribution sampling draws from, after temperature, top_k, top_p and min_p (float64, sums to 1)."""
-    x = logits.astype(np.float64) / params.temperature
-    if 0 < params.top_k < x.size:
-        kth = np.partition(x, -params.top_k)[-params.top_k]
-        x[x < kth] = -np.inf
-    p = np.exp(x - x.max())
-    p /= p.sum()
-    if params.top_p < 1.0:
-        p = nucleus(p, params.top_p)
-    if params.min_p > 0.0:
-        p[p < params.min_p * p.max()] = 0.0
-        p /= p.sum()
-    return p
-
-
-def nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (the token crossing it included).
-
-    Sorting the whole vocabulary costs milliseconds at 50k entries; the kept set is usually small, so sort only
-    the `m` largest (argpartition), doubling m until their mass reaches top_p.
-    """
-    m = min(64, p.size)
-    while True:
-        top = np.argpartition(-p, m - 1)[:m] if m < p.size else np.arange(p.size)
-        order = top[np.argsort(-p[top], kind="stable")]
-        cumulative = np.cumsum(p[order])
-        if cumulative[-1] >= top_p or m == p.size:
-            cut = int(np.searchsorted(cumulative, top_p, side="left")) + 1
-            kept = np.zeros_like(p)
-            kept[order[:cut]] = p[order[:cut]]
-            return kept / kept.sum()
-        m = min(4 * m, p.size)
+    return _sampler(logits.shape[-1]).probabilities(logits, params)
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
            history: TokenHistory | None = None) -> int:
-    """logits: (vocab,) for one sequence. Returns the chosen token id."""
-    if history is not None and (params.repetition_penalty != 1.0 or params.presence_penalty
-                                or params.frequency_penalty):
-        logits = apply_penalties(np.array(logits, dtype=np.float32), params, history)  # a copy: penalties write
-    if params.greedy:
-        return int(np.argmax(logits))
-    p = probabilities(logits, params)
-    cumulative = np.cumsum(p)
-    return int(min(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"), p.size - 1))
+    """logits: (vocab,) for one sequence. Returns the chosen token id (see Sampler for a batch and logprobs)."""
+    return _sampler(logits.shape[-1]).sample_one(logits, params, rng, history)

@@ -159,3 +159,199 @@ def test_an_unusable_generation_config_is_a_manifest_error(engines):
     engine = with_generation(engines["GPT2LMHeadModel"], {"do_sample": True, "top_p": 0.0})
     with pytest.raises(fastllm.ManifestError, match=r"generation config .*top_p must be in \(0, 1\].*pass params"):
         engine.generate("Return")
+
+
+# -- the fast paths against a straightforward float64 reference --------------------------------------------------------
+def reference(logits, p: SamplingParams, prompt=(), generated=()) -> np.ndarray:
+    """The distribution by the book: dense penalties, float64, full sorts."""
+    x = np.asarray(logits, dtype=np.float64).copy()
+    seen = np.zeros(x.size, bool)
+    seen[list(prompt) + list(generated)] = True
+    counts = np.bincount(np.asarray(generated, dtype=np.int64), minlength=x.size)
+    x[seen] = np.where(x[seen] > 0, x[seen] / p.repetition_penalty, x[seen] * p.repetition_penalty)
+    x -= p.presence_penalty * (counts > 0) + p.frequency_penalty * counts
+    if p.greedy:
+        one_hot = np.zeros(x.size)
+        one_hot[np.argmax(x)] = 1.0
+        return one_hot
+    x /= p.temperature
+    if 0 < p.top_k < x.size:
+        x[x < np.sort(x)[-p.top_k]] = -np.inf
+    q = np.exp(x - x.max())
+    q /= q.sum()
+    if p.top_p < 1:
+        order = np.argsort(-q, kind="stable")
+        cut = int(np.searchsorted(np.cumsum(q[order]), p.top_p, side="left")) + 1
+        kept = np.zeros_like(q)
+        kept[order[:cut]] = q[order[:cut]]
+        q = kept / kept.sum()
+    if p.min_p > 0:
+        q[q < p.min_p * q.max()] = 0
+        q /= q.sum()
+    return q
+
+
+def history_of(vocab, prompt, generated) -> TokenHistory:
+    history = TokenHistory(vocab, prompt)
+    for t in generated:
+        history.add(int(t))
+    return history
+
+
+class FixedDraw:
+    """An rng whose random() is a given u, to compare inverse CDFs at chosen points."""
+
+    def __init__(self, u):
+        self.u = u
+
+    def random(self):
+        return self.u
+
+
+V = 50_000
+ROWS = {  # (vocab,) float32 logits
+    "peaked": (np.random.default_rng(1).standard_normal(V) * 3).astype(np.float32),  # 90% in ~100 tokens
+    "flat": np.random.default_rng(2).standard_normal(V).astype(np.float32),  # 90% in ~30k tokens
+    "middle": (np.random.default_rng(3).standard_normal(V) * 2).astype(np.float32),  # beyond the first candidates
+}
+MODES = {
+    "temperature": SamplingParams(temperature=0.8),
+    "top_k": SamplingParams(temperature=0.8, top_k=50),
+    "top_k_large": SamplingParams(temperature=1.3, top_k=5000),
+    "top_p": SamplingParams(temperature=0.8, top_p=0.9),
+    "top_p_high": SamplingParams(temperature=1.0, top_p=0.99),
+    "min_p": SamplingParams(temperature=0.8, min_p=0.05),
+    "top_k_top_p_min_p": SamplingParams(temperature=0.7, top_k=200, top_p=0.8, min_p=0.02),
+    "top_p_min_p": SamplingParams(temperature=1.0, top_p=0.95, min_p=0.1),
+    "penalties": SamplingParams(temperature=0.9, top_p=0.9, repetition_penalty=1.1, presence_penalty=0.5,
+                                frequency_penalty=0.5),
+    "penalties_greedy": SamplingParams(repetition_penalty=1.3, frequency_penalty=2.0),
+}
+
+
+@pytest.mark.parametrize("row", ROWS)
+@pytest.mark.parametrize("mode", MODES)
+def test_fast_paths_draw_from_the_reference_distribution(row, mode):
+    p = MODES[mode]
+    rng = np.random.default_rng(4)
+    prompt, generated = rng.integers(0, V, 200), rng.integers(0, V, 100)
+    logits = ROWS[row].copy()
+    history = history_of(V, prompt, generated)
+    penalised_logits = apply_penalties(logits.copy(), p, history)
+    expected = reference(logits, p, prompt, generated)
+    np.testing.assert_array_equal(probabilities(penalised_logits, p) > 0, expected > 0)  # the same kept set
+    np.testing.assert_allclose(probabilities(penalised_logits, p), expected, rtol=1e-4, atol=1e-9)
+    # and the draw is the inverse CDF of that distribution (ties at a boundary within float32 rounding)
+    cumulative = np.cumsum(expected)
+    us = (np.arange(400) + 0.5) / 400
+    drawn = np.array([sample(logits, p, FixedDraw(u), history) for u in us])
+    wanted = np.minimum(np.searchsorted(cumulative, us * cumulative[-1], side="right"), V - 1)
+    near_a_boundary = np.abs(cumulative[np.minimum(wanted, V - 1)] - us) < 1e-5
+    assert np.all((drawn == wanted) | near_a_boundary), (drawn[drawn != wanted], wanted[drawn != wanted])
+    np.testing.assert_array_equal(logits, ROWS[row])  # the caller's logits come back unchanged
+
+
+def test_draws_over_the_whole_vocabulary_across_blocks():
+    # heavy tokens at block edges and in the tail block, a light background everywhere else
+    logits = np.full(V, -2.0, np.float32)
+    heavy = [0, 1023, 1024, 2047, 30_000, V - 1]
+    logits[heavy] = 3.0
+    p = SamplingParams(temperature=1.0, seed=0)
+    rng = np.random.default_rng(5)
+    draws = np.array([sample(logits, p, rng) for _ in range(20_000)])
+    expected = reference(logits, p)
+    for t in heavy:
+        assert abs(np.mean(draws == t) - expected[t]) < 0.01
+    assert abs(np.mean(~np.isin(draws, heavy)) - (1 - expected[heavy].sum())) < 0.015
+
+
+def test_same_seed_same_tokens():
+    def run(seed):
+        rng, history, tokens = np.random.default_rng(seed), TokenHistory(V, [1, 2, 3]), []
+        for step in range(30):
+            p = list(MODES.values())[step % len(MODES)]
+            token = sample(ROWS["middle"] + np.float32(step % 3), p, rng, history)
+            history.add(token)
+            tokens.append(token)
+        return tokens
+
+    assert run(11) == run(11)
+    assert run(11) != run(12)
+
+
+def test_a_batch_samples_each_row_as_alone():
+    from fastllm.sampler import Sampler
+
+    modes = list(MODES.values())
+    logits = np.stack([ROWS[name] for name in ("peaked", "flat", "middle")] * 4)  # (12, V)
+    params = [modes[i % len(modes)].replace(logprobs=i % 3) for i in range(len(logits))]
+    histories = [history_of(V, [i, 7, 9], [i * 3, 5]) for i in range(len(logits))]
+    rows = [0, 2, 3, 5, 8, 11]
+    ids, logprobs = Sampler(V).sample(logits, params, [np.random.default_rng(i) for i in range(12)], histories,
+                                      rows=rows)
+    alone = Sampler(V)
+    for i, row in enumerate(rows):
+        one, lp = alone.sample(logits[row : row + 1], [params[row]], [np.random.default_rng(row)], [histories[row]])
+        assert ids[i] == one[0] and logprobs[i] == lp[0]
+        assert sample(logits[row], params[row], np.random.default_rng(row), histories[row]) == ids[i]
+
+
+# -- logprobs -------------------------------------------------------------------------------------------------------
+def log_softmax(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x - x.max() - np.log(np.exp(x - x.max()).sum())
+
+
+@pytest.mark.parametrize("mode", ["temperature", "top_k", "top_p", "min_p", "penalties", "penalties_greedy"])
+@pytest.mark.parametrize("n", [0, 5, 20])
+def test_logprobs_are_the_log_softmax_after_penalties_and_temperature(mode, n):
+    from fastllm.sampler import Sampler
+
+    p = MODES[mode].replace(logprobs=n)
+    rng = np.random.default_rng(6)
+    logits = np.stack([ROWS["peaked"], ROWS["flat"]])
+    prompt = rng.integers(0, V, 50)
+    histories = [history_of(V, prompt, []), history_of(V, prompt, [])]
+    sampler, rngs = Sampler(V), [np.random.default_rng(0), np.random.default_rng(1)]
+    for _ in range(3):  # a few steps, the history growing
+        ids, logprobs = sampler.sample(logits, p, rngs, histories)
+        for row in range(2):
+            h = histories[row]
+            x = logits[row].astype(np.float64)
+            seen, counts = h.ids, h.counts
+            x[seen] = np.where(x[seen] > 0, x[seen] / p.repetition_penalty, x[seen] * p.repetition_penalty)
+            x[seen] -= p.presence_penalty * (counts > 0) + p.frequency_penalty * counts
+            expected = log_softmax(x / (p.temperature or 1.0))
+            lp = logprobs[row]
+            assert lp.token_id == ids[row]
+            assert lp.logprob == pytest.approx(expected[ids[row]], abs=2e-5)
+            top = np.argsort(-expected, kind="stable")[:n]
+            assert [i for i, _ in lp.top] == top.tolist()
+            np.testing.assert_allclose([v for _, v in lp.top], expected[top], atol=2e-5)
+            h.add(int(ids[row]))
+
+
+def test_no_logprobs_unless_asked():
+    from fastllm.sampler import Sampler
+
+    _, logprobs = Sampler(5).sample(LOGITS[None], params(), [np.random.default_rng(0)])
+    assert logprobs == [None]
+
+
+@pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
+def test_logprobs_range(field):
+    for ok in (None, 0, 20):
+        assert getattr(SamplingParams(**{field: ok}), field) == ok
+    for bad in (-1, 21):
+        with pytest.raises(fastllm.InvalidParameterError, match=rf"{field} must be an integer in \[0, 20\] or None, "
+                                                               rf"got {bad}"):
+            SamplingParams(**{field: bad})
+    with pytest.raises(fastllm.InvalidParameterError, match=rf"{field} must be .* got '5' of type str"):
+        SamplingParams(**{field: "5"})
+
+
+def test_history_is_compact():
+    h = TokenHistory(V, [5, 3, 5, 9])
+    for t in (3, 7, 7, 7):
+        h.add(t)
+    assert sorted(zip(h.ids.tolist(), h.counts.tolist())) == [(3, 1), (5, 0), (7, 3), (9, 0)]
