@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastllm.errors import ContextLengthError, InvalidParameterError
+from fastllm.sampler import TokenLogprob
 
 LOGITS_BUDGET = 64 * 2**20  # float32 logits held at once (rows x positions x vocab): 256 MB
 SOFTMAX_BUDGET = 4 * 2**20  # float64 values of one log-softmax pass (positions x vocab): 32 MB
@@ -58,6 +59,11 @@ class Score:
     @property
     def perplexity(self) -> float:
         return math.exp(-self.mean)
+
+    def token_logprobs(self) -> list[TokenLogprob]:
+        """Position by position, in the sampler's per-token type (as generated tokens' logprobs come back)."""
+        return [TokenLogprob(int(t), float(lp), tuple(zip(map(int, ids), map(float, lps))))
+                for t, lp, ids, lps in zip(self.token_ids, self.logprobs, self.top_ids, self.top_logprobs)]
 
 
 # -- scoring ----------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 import fastllm
 from fastllm import score as scoring
 from fastllm.engine import PREFILL_CHUNK
+from fastllm.sampler import TokenLogprob
 from fastllm.score import Score, prompt_logits
 
 LOGPROB_ATOL = 1e-4  # fp32 graph vs fp32 PyTorch, log-softmax in float64 on both sides
@@ -69,6 +70,15 @@ def test_top_logprobs_are_numpys_top_n_of_the_log_softmax(engines, graph):
     whole = engine.score(ids[:4], top_logprobs=engine.manifest.vocab_size)  # every id, sorted
     assert sorted(whole.top_ids[0].tolist()) == list(range(engine.manifest.vocab_size))
     assert np.exp(whole.top_logprobs).sum(-1) == pytest.approx(1.0)
+
+
+def test_token_logprobs_are_the_samplers_type(engines):
+    result = engines["LlamaForCausalLM"].score([3, 4, 5, 6], top_logprobs=2)
+    tokens = result.token_logprobs()
+    assert [type(t) for t in tokens] == [TokenLogprob] * 3
+    assert [(t.token_id, t.logprob) for t in tokens] == list(zip([4, 5, 6], result.logprobs.tolist()))
+    assert [t.top for t in tokens] == [tuple(zip(i, v)) for i, v in zip(result.top_ids.tolist(),
+                                                                          result.top_logprobs.tolist())]
 
 
 def test_top_n_breaks_ties_by_lower_id():
