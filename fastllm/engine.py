@@ -1,4 +1,4 @@
-"""The engine: load a model directory, then generate or stream. Both wrap one decode loop."""
+"""The engine: load a model directory, then generate, stream or step through tokens. All wrap one decode loop."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 
 from fastllm.errors import ContextLengthError, InvalidParameterError, InvalidPromptError, ManifestError, ModelLoadError
 from fastllm.manifest import Manifest
-from fastllm.sampler import SamplingParams, TokenHistory, as_params, sample
+from fastllm.sampler import Sampler, SamplingParams, TokenHistory, TokenLogprob, as_params
+from fastllm.score import score_ids
 from fastllm.session import Device, Session
 from fastllm.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -29,10 +30,29 @@ class Completion:
     ttft_s: float  # request start -> first token (tokenization and prefill)
     tpot_s: float  # mean time per output token after the first
     total_s: float
+    # When params.logprobs is not None: one per token of token_ids (the ending id included), from the logits the
+    # sampler drew it from, after the penalties and the temperature (see TokenLogprob).
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    # When params.prompt_logprobs is not None: one per prompt token, entry i about prompt token i given tokens 0..i-1,
+    # from the raw logits (as Engine.score); entry 0 is None (the first token has nothing before it to predict it).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def tokens_per_s(self) -> float:
         return self.completion_tokens / self.total_s if self.total_s > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token of one prompt, as Engine.steps() yields it: what a server streams per token."""
+
+    token_id: int
+    text: str  # text that became final with this token: "" while held back (a stop string's possible start, an
+    # incomplete character); on the last step, everything left (the text of all steps joins to Completion.text)
+    logprob: TokenLogprob | None  # when params.logprobs is not None (as Completion.logprobs)
+    finish_reason: str | None  # "stop" | "length" on the prompt's last step, else None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # on the prompt's first step only, when
+    # params.prompt_logprobs is not None (as Completion.prompt_logprobs)
 
 
 class StopStrings:
@@ -97,10 +117,14 @@ class Sequence:
         self.text = ""
         self.streamed = 0  # characters of text handed to a stream
         self.finish_reason: str | None = None
+        self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
+        self.prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
-    def append(self, token: int) -> None:
+    def append(self, token: int, logprob: TokenLogprob | None = None) -> None:
         self.token_ids.append(token)
         self.history.add(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
         if token in self.stop_ids:  # the ending id is kept in token_ids, not in the text
             self.finish_reason = "stop"
         elif self.detok is not None and self._add_text(self.detok.add(token)):
@@ -167,11 +191,30 @@ class Engine:
             if piece:
                 yield piece
 
+    def steps(self, prompt, params: SamplingParams | Mapping | None = None) -> Iterator[tuple[Step | None, ...]]:
+        """The decode loop token by token, with everything a server streams: after each step, a Step for every
+        prompt (None once it finished) with the new id, the text that became final, its logprob when
+        params.logprobs is set, the finish reason on the last one, and on the first one the prompt's logprobs when
+        params.prompt_logprobs is set. A stream of text and logprobs is `step.text` and `step.logprob` of each
+        step; the text of a prompt's steps joins to its Completion.text. Closing the iterator ends the request.
+        """
+        prompts, _ = self.prompt_ids(prompt)
+        counts = [0] * len(prompts)
+        for sequences in self._decode(prompts, self._params(params)):
+            out = []
+            for row, seq in enumerate(sequences):
+                fresh = len(seq.token_ids) > counts[row]
+                out.append(Step(seq.token_ids[-1], seq.streamable(),
+                                None if seq.logprobs is None else seq.logprobs[-1], seq.finish_reason,
+                                seq.prompt_logprobs if counts[row] == 0 else None) if fresh else None)
+                counts[row] = len(seq.token_ids)
+            yield tuple(out)
+
     def tokens(self, prompt, params: SamplingParams | Mapping | None = None) -> Iterator[tuple[int | None, ...]]:
         """The decode loop at token level: after each step, the new id of every prompt (None once it finished).
 
         Nothing is detokenized, unless params has stop strings: those are matched on the text, so only then is it
-        decoded, and the ids end where generate()'s would.
+        decoded, and the ids end where generate()'s would. Logprobs and text per token: steps().
         """
         prompts, _ = self.prompt_ids(prompt)
         params = self._params(params)
@@ -243,6 +286,11 @@ class Engine:
         batch, width = len(prompts), max(len(p) for p in prompts)
         sequences = [Sequence(p, params, self, None if params.seed is None else params.seed + i, detokenize)
                      for i, p in enumerate(prompts)]
+        if params.prompt_logprobs is not None:  # a scoring pass of its own: the prefill below keeps the last logits
+            for seq, score in zip(sequences, score_ids(self, prompts, top_logprobs=params.prompt_logprobs)):
+                seq.prompt_logprobs = (None, *score.token_logprobs())
+        sampler = Sampler(self.manifest.vocab_size)  # its scratch is this request's, allocated once
+        rngs, histories = [s.rng for s in sequences], [s.history for s in sequences]
         pad = self.manifest.pad_token_id if self.manifest.pad_token_id is not None else 0
         cache = self.session.new_cache(batch, width, params.max_new_tokens)
         binding = self.session.ort.io_binding()
@@ -252,10 +300,11 @@ class Engine:
             for feeds in cache.prefill_steps(prompts, pad, PREFILL_CHUNK):
                 self.session.forward(cache, binding, feeds, out=logits)
             for step in range(params.max_new_tokens):
-                for row, seq in enumerate(sequences):
-                    if seq.finish_reason is None:
-                        next_ids[row, 0] = sample(logits[row, -1], params, seq.rng, seq.history)
-                        seq.append(int(next_ids[row, 0]))
+                rows = [row for row, seq in enumerate(sequences) if seq.finish_reason is None]
+                ids, logprobs = sampler.sample(logits[:, -1], params, rngs, histories, rows=rows)
+                for row, token, logprob in zip(rows, ids.tolist(), logprobs):
+                    next_ids[row, 0] = token
+                    sequences[row].append(token, logprob)
                 yield sequences
                 if all(s.finish_reason is not None for s in sequences):
                     return
@@ -293,6 +342,8 @@ class Engine:
             ttft_s=first - start,
             tpot_s=(last - first) / (n - 1) if n > 1 else 0.0,
             total_s=last - start,
+            logprobs=None if seq.logprobs is None else tuple(seq.logprobs),
+            prompt_logprobs=seq.prompt_logprobs,
         )
 
 
