@@ -426,11 +426,12 @@ class Sampler:
         below = below[: np.searchsorted(below, weights.min(), side="left")][::-1]  # (m,) descending
         at = int(np.searchsorted(np.cumsum(below, dtype=np.float64) * stride, need - mass))
         while at < below.size:  # the estimate of a heavy tail is noisy: go deeper until the mass is there
-            kept = np.flatnonzero(e >= below[min(below.size - 1, at + at // 2 + 4)])
+            at = min(below.size - 1, at + at // 2 + 4)
+            kept = np.flatnonzero(e >= below[at])
             weights = e[kept].astype(np.float64)
             if weights.sum() >= need:
                 return kept, weights
-            at = 2 * at + 8
+            at = below.size if at == below.size - 1 else 2 * at
         return np.arange(x.size), e.astype(np.float64)
 
     def _exp_row(self, x: np.ndarray, xmax: float, temperature: float) -> np.ndarray:
