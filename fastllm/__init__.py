@@ -3,10 +3,11 @@
     engine = fastllm.load("model_dir")
     print(engine.generate("Hello", fastllm.SamplingParams(max_new_tokens=32)).text)
 
-The runtime imports only numpy, onnxruntime and tokenizers; export lives in the separate `export` package.
+The runtime imports only numpy, onnxruntime, tokenizers and jinja2; export lives in `fastllm.export` (the extra
+`export`), which the runtime never imports.
 """
 
-from fastllm.engine import Completion, Engine, load
+from fastllm.engine import Completion, Engine, Step, load
 from fastllm.errors import (
     ContextLengthError,
     DeviceError,
@@ -20,7 +21,8 @@ from fastllm.errors import (
     VerificationError,
 )
 from fastllm.manifest import FORMAT_VERSION, Manifest
-from fastllm.sampler import SamplingParams
+from fastllm.sampler import SamplingParams, TokenLogprob
+from fastllm.score import Score
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,9 @@ __all__ = [
     "ManifestError",
     "ModelLoadError",
     "SamplingParams",
+    "Score",
+    "Step",
+    "TokenLogprob",
     "UnsupportedArchitectureError",
     "VerificationError",
     "load",
