@@ -44,7 +44,8 @@ class Shape:
     def hf_config(self):
         import transformers as tf
 
-        config_class = {"LlamaForCausalLM": tf.LlamaConfig, "GPT2LMHeadModel": tf.GPT2Config}[self.architecture]
+        config_class = {"LlamaForCausalLM": tf.LlamaConfig, "Qwen2ForCausalLM": tf.Qwen2Config,
+                        "GPT2LMHeadModel": tf.GPT2Config}[self.architecture]
         config = config_class(**self.config)
         config.architectures = [self.architecture]
         return config

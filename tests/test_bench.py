@@ -190,3 +190,11 @@ def test_an_earlier_runs_results_are_never_replaced(bench_run, capsys):
     assert main(["bench", "--shape", "tiny", "--engines", "fastllm", "--out", str(out)]) == 1
     assert "already holds results.json" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("name", sorted(shapes.SHAPES))
+def test_every_shape_has_a_transformers_config_of_its_architecture(name):
+    """A shape is built at bench time only: its config must at least make a transformers config of its class."""
+    shape = shapes.get(name)
+    config = shape.hf_config()
+    assert config.architectures == [shape.architecture] and config.vocab_size == shape.vocab_size
