@@ -274,12 +274,56 @@ def _top(x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return ids[order], values[order]
 
 
+_SORT_MAX = 4096  # a nucleus among more candidates than this is cut by selection on the weights, not by a sort
+
+
 def _nucleus(kept: np.ndarray, weights: np.ndarray, need: float) -> tuple[np.ndarray, np.ndarray]:
     """The smallest set of the largest weights whose sum reaches `need`, the one crossing it included (ties at the
-    cut: the first in `kept`). kept (n,) ids, weights (n,) float64; returns them largest first."""
-    order = np.argsort(-weights, kind="stable")  # stable: measured faster than the default on float64 here
-    n = int(np.searchsorted(np.cumsum(weights[order]), need, side="left")) + 1
-    return kept[order[:n]], weights[order[:n]]
+    cut: the first in `kept`). kept (n,) ids, weights (n,) float64. A few candidates are sorted (returned largest
+    first); many (a flat distribution: the nucleus can hold most of the vocabulary) are cut at the crossing weight
+    found by selection, and returned in kept's order."""
+    if kept.size <= _SORT_MAX:
+        order = np.argsort(-weights, kind="stable")  # stable: measured faster than the default on float64 here
+        n = int(np.searchsorted(np.cumsum(weights[order]), need, side="left")) + 1
+        return kept[order[:n]], weights[order[:n]]
+    cut, ties = _crossing(weights, need)
+    keep = weights > cut
+    if ties:
+        keep[np.flatnonzero(weights == cut)[:ties]] = True
+    return kept[keep], weights[keep]
+
+
+def _crossing(weights: np.ndarray, need: float) -> tuple[float, int]:
+    """The weight of the token whose addition, in decreasing order, makes the sum reach `need`, and how many
+    weights equal to it the nucleus takes. Selection on mass: two pivots from a strided sample bracket the estimated
+    crossing; the weights above the upper one are kept (their mass counted), those below the lower one dropped, and
+    the few between are sorted. A bracket that misses moves (each pass holds fewer weights); at worst all are
+    sorted."""
+    rest, above = weights, 0.0  # the weights still in question; the mass of those certainly kept (all larger)
+    while rest.size > _SORT_MAX:
+        stride = rest.size // _SAMPLE
+        sample = np.sort(rest[::stride])[::-1]  # (~_SAMPLE,) descending
+        cumulative = np.cumsum(sample)  # the sample's mass, scaled to the mass it stands for
+        at = int(np.searchsorted(cumulative * (float(rest.sum()) / cumulative[-1]), need - above))
+        high, low = sample[max(at - 12, 0)], sample[min(at + 12, sample.size - 1)]  # ~24 strides of weights apart
+        over = rest > high
+        over_mass = float(rest[over].sum())
+        if above + over_mass >= need:
+            rest = rest[over]  # the crossing is above the bracket
+            continue
+        reach = rest >= low
+        reach_mass = float(rest[reach].sum())
+        if above + reach_mass < need:
+            above, rest = above + reach_mass, rest[~reach]  # below it
+            continue
+        between = rest[reach & ~over]
+        if between.size == rest.size:
+            break  # no progress (one value repeated throughout): sort them all
+        above, rest = above + over_mass, between
+    ordered = np.sort(rest)[::-1]
+    n = min(int(np.searchsorted(np.cumsum(ordered) + above, need, side="left")) + 1, ordered.size)
+    cut = float(ordered[n - 1])
+    return cut, int(np.count_nonzero(ordered[:n] == cut))
 
 
 def _draw(weights: np.ndarray, u: float) -> int:
@@ -408,8 +452,10 @@ class Sampler:
         if params.min_p > 0:  # relative to the largest weight, which every filter keeps
             keep = weights >= params.min_p * weights.max()
             kept, weights = kept[keep], weights[keep]
-        order = np.argsort(kept)  # draw in id order, as over the whole vocabulary: the same inverse CDF
-        return kept[order], weights[order]
+        if kept.size > 1 and np.any(kept[1:] < kept[:-1]):  # draw in id order, as over the whole vocabulary
+            order = np.argsort(kept)
+            kept, weights = kept[order], weights[order]
+        return kept, weights
 
     def _reaching(self, x: np.ndarray, need: float) -> tuple[np.ndarray, np.ndarray]:
         """Candidates for a nucleus: ids (and weights from self._exp) holding every token above some weight and a
