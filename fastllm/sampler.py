@@ -348,6 +348,7 @@ class Sampler:
         self._offset = 0.0  # _exp = exp(logits / T - _offset)
         self._ones = np.ones(_BLOCK, dtype=np.float32)  # block sums as one matrix-vector product (BLAS)
         self._block_sums = np.empty(vocab_size // _BLOCK, dtype=np.float32)  # (blocks,)
+        self._mask: np.ndarray | None = None  # (vocab,) float32 0/1, for the mass ahead of a token (top-p)
 
     def sample(self, logits: np.ndarray, params: SamplingParams | Sequence[SamplingParams],
                rngs: Sequence[np.random.Generator], histories: Sequence[TokenHistory | None] | None = None, *,
@@ -412,9 +413,12 @@ class Sampler:
                 token, xmax = int(np.argmax(x)), None
             else:
                 xmax = float(x.max())
-                kept, weights = self._distribution(x, params, xmax)
                 u = rng.random()
-                token = self._draw_full(weights, u) if kept is None else int(kept[_draw(weights, u)])
+                if params.top_p < 1.0 and not 0 < params.top_k < x.size and params.min_p == 0:
+                    token = self._draw_top_p(x, params, xmax, u, rng)
+                else:
+                    kept, weights = self._distribution(x, params, xmax)
+                    token = self._draw_full(weights, u) if kept is None else int(kept[_draw(weights, u)])
             logprob = None if params.logprobs is None else self._logprob(x, params, token, xmax)
         finally:
             if seen is not None:
@@ -456,6 +460,42 @@ class Sampler:
             order = np.argsort(kept)
             kept, weights = kept[order], weights[order]
         return kept, weights
+
+    def _draw_top_p(self, x: np.ndarray, params: SamplingParams, xmax: float, u: float,
+                    rng: np.random.Generator) -> int:
+        """A draw from the nucleus of x (vocab,) penalised, top-p alone. A peaked distribution: the nucleus is among
+        the ~_TOP_P_FIRST most likely tokens, cut and drawn from as `_distribution` does. A flat one (the nucleus
+        holds thousands of tokens): rejection, exact and without finding the nucleus: draw from the whole
+        temperature distribution and keep the token if it is inside the nucleus, i.e. the mass of the tokens before
+        it (larger, or equal with a smaller id) is below top_p of the total; else draw again. The nucleus holds at
+        least top_p of the mass, so that takes fewer than 1 / top_p draws on average, each one pass over the
+        vocabulary (a float32 dot product)."""
+        cumulative = self._exp_row(x, xmax, params.temperature)
+        need = params.top_p * float(cumulative[-1])
+        kept = _candidates(x, _TOP_P_FIRST)
+        weights = self._exp[kept].astype(np.float64)
+        if weights.sum() >= need:
+            kept, weights = _nucleus(kept, weights, need)
+            order = np.argsort(kept)  # in id order, as `_distribution` draws
+            return int(kept[order][_draw(weights[order], u)])
+        while True:
+            token = self._draw_full(cumulative, u)
+            if self._mass_before(token) < need:
+                return token
+            u = rng.random()
+
+    def _mass_before(self, token: int) -> float:
+        """The mass of self._exp ahead of `token` in decreasing order (larger weights, then equal ones with a smaller
+        id): one float32 dot product with a 0/1 mask, counting ties only when they could matter."""
+        e, w = self._exp, self._exp[token]
+        if self._mask is None:
+            self._mask = np.empty(self.vocab_size, dtype=np.float32)
+        np.greater_equal(e, w, out=self._mask, casting="unsafe")
+        reaching = float(np.dot(e, self._mask))  # the token, its ties and everything larger
+        ties = int(np.count_nonzero(e == w))
+        if ties == 1:
+            return reaching - float(w)
+        return reaching - float(w) * ties + float(w) * int(np.count_nonzero(e[:token] == w))
 
     def _reaching(self, x: np.ndarray, need: float) -> tuple[np.ndarray, np.ndarray]:
         """Candidates for a nucleus: ids (and weights from self._exp) holding every token above some weight and a

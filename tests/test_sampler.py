@@ -198,6 +198,26 @@ def history_of(vocab, prompt, generated) -> TokenHistory:
     return history
 
 
+def rejection(p: SamplingParams) -> bool:
+    """Top-p alone: when its nucleus is large the sampler draws by rejection, not by the inverse CDF at one u."""
+    return p.top_p < 1 and not 0 < p.top_k < V and p.min_p == 0 and not p.greedy
+
+
+def draws_follow(expected: np.ndarray, draw, n: int = 4000, groups: int = 10) -> None:
+    """n seeded draws land only on tokens `expected` keeps, and in `groups` groups of equal expected mass (tokens
+    in id order) as often as expected: chi-square with groups - 1 degrees of freedom below 33 (p ~ 1e-4)."""
+    rng = np.random.default_rng(123)
+    draws = np.array([draw(rng) for _ in range(n)])
+    assert np.all(expected[draws] > 0), "a draw outside the kept set"
+    edges = np.searchsorted(np.cumsum(expected), np.arange(1, groups) / groups)
+    group_of = np.searchsorted(edges, np.arange(expected.size), side="right")
+    mass = np.bincount(group_of, weights=expected, minlength=groups)
+    seen = np.bincount(group_of[draws], minlength=groups)
+    used = mass > 0  # (a heavy token can fill several groups' mass: those stay empty)
+    chi2 = float((((seen[used] - n * mass[used]) ** 2) / (n * mass[used])).sum())
+    assert chi2 < 33, (chi2, seen, n * mass)
+
+
 class FixedDraw:
     """An rng whose random() is a given u, to compare inverse CDFs at chosen points."""
 
@@ -241,6 +261,10 @@ def test_fast_paths_draw_from_the_reference_distribution(row, mode):
     expected = reference(logits, p, prompt, generated)
     np.testing.assert_array_equal(probabilities(penalised_logits, p) > 0, expected > 0)  # the same kept set
     np.testing.assert_allclose(probabilities(penalised_logits, p), expected, rtol=1e-4, atol=1e-9)
+    if rejection(p):  # top-p alone: a flat nucleus is drawn by rejection, so check the draws' distribution
+        draws_follow(expected, lambda rng: sample(logits, p, rng, history))
+        np.testing.assert_array_equal(logits, ROWS[row])
+        return
     # and the draw is the inverse CDF of that distribution (ties at a boundary within float32 rounding)
     cumulative = np.cumsum(expected)
     us = (np.arange(400) + 0.5) / 400
