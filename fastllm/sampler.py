@@ -480,21 +480,22 @@ class Sampler:
             return int(kept[order][_draw(weights[order], u)])
         while True:
             token = self._draw_full(cumulative, u)
-            if self._mass_before(token) < need:
+            if self._mass_before(token, need) < need:
                 return token
             u = rng.random()
 
-    def _mass_before(self, token: int) -> float:
+    def _mass_before(self, token: int, need: float) -> float:
         """The mass of self._exp ahead of `token` in decreasing order (larger weights, then equal ones with a smaller
-        id): one float32 dot product with a 0/1 mask, counting ties only when they could matter."""
+        id): one float32 dot product with a 0/1 mask; ties are counted only when the bound that includes all of
+        them does not already put the token inside the nucleus (below `need`)."""
         e, w = self._exp, self._exp[token]
         if self._mask is None:
             self._mask = np.empty(self.vocab_size, dtype=np.float32)
         np.greater_equal(e, w, out=self._mask, casting="unsafe")
         reaching = float(np.dot(e, self._mask))  # the token, its ties and everything larger
-        ties = int(np.count_nonzero(e == w))
-        if ties == 1:
+        if reaching - float(w) < need:  # an upper bound of the mass ahead (ties after the token included): inside
             return reaching - float(w)
+        ties = int(np.count_nonzero(e == w))
         return reaching - float(w) * ties + float(w) * int(np.count_nonzero(e[:token] == w))
 
     def _reaching(self, x: np.ndarray, need: float) -> tuple[np.ndarray, np.ndarray]:
