@@ -25,6 +25,14 @@ class InvalidPromptError(FastLLMError, ValueError):
     """The prompt is empty or holds token ids outside the vocabulary."""
 
 
+class ChatTemplateError(InvalidParameterError):
+    """The chat template cannot be read or compiled, or refused the messages (its raise_exception, or a render error)."""
+
+
+class NoChatTemplateError(ChatTemplateError):
+    """The model has no chat template and none was passed."""
+
+
 class ContextLengthError(FastLLMError, ValueError):
     """Prompt plus requested new tokens do not fit in the model's context."""
 
