@@ -147,3 +147,122 @@ def _size(size: int | None, *, unit: bool = True) -> str:
 def write_markdown(results: dict, path: Path) -> Path:
     path.write_text(markdown(results))
     return path
+
+
+# -- the serving benchmark (bench.serving_runner) -----------------------------------------------------------------
+TOGETHER_HEADER = ("| engine | concurrency | requests (waves) | output tok/s | decode tok/s | decode ÷ 1 stream | "
+                   "TTFT p50 ms | TTFT p95 ms | TTFT p95 ÷ 1-stream TTFT | TPOT p50 ms | TPOT p95 ms |")
+POISSON_HEADER = ("| engine | max in flight | requests | output tok/s | mean in flight | queue p50 ms | queue p95 ms | "
+                  "TTFT p50 ms | TTFT p95 ms | TTFT p95 ÷ 1-stream TTFT | TPOT p50 ms | TPOT p95 ms |")
+TARGETS_HEADER = ("| engine | decode tok/s at {c} ÷ 1 stream | target | TTFT p95 at {c} ÷ 1-stream TTFT | target | "
+                  "cached-prefix TTFT ÷ uncached | target |")
+PREFIX_HEADER = ("| engine | prompt | cached prefix | uncached TTFT ms | cached TTFT ms | ratio | cached tokens "
+                 "reported |")
+
+
+def _opt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
+    return "–" if value is None else f"{value * scale:.{digits}f}"
+
+
+def _rule(header: str) -> str:
+    return "|" + "---|" * (header.count(" | ") + 1)
+
+
+def _verdict(value: float | None, target: float | None, met: bool | None, sign: str) -> str:
+    if target is None:
+        return "–"
+    return f"{sign} {target:g}" + ("" if met is None else (" ✓" if met else " ✗ missed"))
+
+
+def serving_tables(shape: dict, targets: dict) -> list[str]:
+    rows = [r for r in shape["results"] if "error" not in r]
+    lines = []
+    together = [(r, e) for r in rows for e in r.get("together") or []]
+    if together:
+        lines += ["", f"### {shape['name']}: together (requests of one wave submitted at once)", "",
+                  TOGETHER_HEADER, _rule(TOGETHER_HEADER)]
+        for r, e in together:
+            lines.append(f"| {r['label']} | {e['concurrency']} | {e['requests']} ({e['waves']}) | "
+                         f"{_opt(e['output_tok_s'])} | {_opt(e['decode_tok_s'])} | {_opt(e['decode_vs_1'], digits=2)} | "
+                         f"{_opt(e['ttft_p50_s'], 1e3)} | {_opt(e['ttft_p95_s'], 1e3)} | "
+                         f"{_opt(e['ttft_p95_vs_1'], digits=2)} | {_opt(e['tpot_p50_s'], 1e3, 2)} | "
+                         f"{_opt(e['tpot_p95_s'], 1e3, 2)} |")
+    poisson = [(r, e) for r in rows for e in r.get("poisson") or []]
+    if poisson:
+        rate = poisson[0][1]["rate"]
+        lines += ["", f"### {shape['name']}: poisson ({rate:g} requests/s on average, at most c in flight)", "",
+                  POISSON_HEADER, _rule(POISSON_HEADER)]
+        for r, e in poisson:
+            lines.append(f"| {r['label']} | {e['concurrency']} | {e['requests']} | {_opt(e['output_tok_s'])} | "
+                         f"{_opt(e['mean_in_flight'], digits=2)} | {_opt(e['queue_p50_s'], 1e3)} | "
+                         f"{_opt(e['queue_p95_s'], 1e3)} | {_opt(e['ttft_p50_s'], 1e3)} | "
+                         f"{_opt(e['ttft_p95_s'], 1e3)} | {_opt(e['ttft_p95_vs_1'], digits=2)} | "
+                         f"{_opt(e['tpot_p50_s'], 1e3, 2)} | {_opt(e['tpot_p95_s'], 1e3, 2)} |")
+    prefix = [r for r in rows if r.get("prefix")]
+    if prefix:
+        title = (f"### {shape['name']}: prefix cache (time to first token of a prompt whose first tokens are "
+                 "cached, against the same length uncached)")
+        lines += ["", title, "", PREFIX_HEADER, _rule(PREFIX_HEADER)]
+        for r in prefix:
+            p = r["prefix"]
+            reported = ", ".join("–" if n is None else str(n) for n in p["cached_tokens"])
+            lines.append(f"| {r['label']} | {p['prompt_length']} | {p['prefix_length']} | "
+                         f"{_opt(p['uncached_ttft_s'], 1e3)} | {_opt(p['cached_ttft_s'], 1e3)} | "
+                         f"{_opt(p['ratio'], digits=3)} | {reported} |")
+    with_targets = [r for r in rows if r.get("targets")]
+    if with_targets:
+        header = TARGETS_HEADER.format(c=targets["concurrency"])
+        lines += ["", f"### {shape['name']}: issue 12 targets", "", header, _rule(header)]
+        for r in with_targets:
+            t = r["targets"]
+            lines.append(f"| {r['label']} | {_opt(t['decode_vs_1'], digits=2)} | "
+                         f"{_verdict(t['decode_vs_1'], t['decode_vs_1_target'], t['decode_vs_1_met'], '≥')} | "
+                         f"{_opt(t['ttft_p95_vs_1'], digits=2)} | "
+                         f"{_verdict(t['ttft_p95_vs_1'], targets['ttft_p95_vs_1'], t['ttft_p95_vs_1_met'], '≤')} | "
+                         f"{_opt(t['prefix_ttft_ratio'], digits=3)} | "
+                         f"{_verdict(t['prefix_ttft_ratio'], targets['prefix_ttft_ratio'], t['prefix_ttft_ratio_met'], '≤')} |")
+    return lines
+
+
+def serving_markdown(results: dict) -> str:
+    m, v, w = results["machine"], results["versions"], results["workload"]
+    memory = f"{m['memory_bytes'] / 2**30:.0f} GiB RAM" if m.get("memory_bytes") else "memory unknown"
+    packages = ", ".join(f"{k} {v[k]}" for k in ("fastllm", "numpy", "onnxruntime") if k in v)
+    load = f"load average (1, 5, 15 min) {m.get('load_average_start')} at the start, {m.get('load_average_end')} at the end"
+    warmup = ("one request alone and one wave at the largest concurrency untimed first" if w["warmup"]
+              else "no warm-up")
+    machine_line = (
+        f"- Machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX flags read'}), {m['usable_cores']} usable cores "
+        f"of {m['logical_cores']}, {memory}; {m['os']}, Python {m['python']}; {load}")
+    workload_line = (
+        f"- Workload: {w['threads']} threads; engine slots {w['engine_slots']}; every request a random prompt of "
+        f"{w['prompt_length']} ids (seed {w['seed']}) and {w['new_tokens']} new tokens, greedy, EOS ignored; "
+        f"concurrency {', '.join(map(str, w['concurrency']))}; together: max({w['min_waves']} waves, "
+        f"{w['min_requests']} requests) per concurrency; poisson: {w['poisson_requests']} requests at "
+        f"{w['rate']:g}/s; {warmup}")
+    method_line = (
+        "- Each model in a worker process of its own; every request submitted with Engine.submit (api submit; api "
+        "steps: an engine without it, one Engine.steps decode loop per request) and read by a thread of its own that "
+        "stamps each Step as it arrives. TTFT: submit → first Step. TPOT: a request's (last − first "
+        "Step) / (steps − 1); p50/p95 over requests. Output tok/s: every generated token / wall time (first submit to "
+        "last Step, summed over waves). Decode tok/s: Steps per second while every request of a wave is decoding "
+        "(after the last first token, before the first finish), median over waves. Queue: a Poisson arrival's wait "
+        "for one of c in flight to finish (TTFT counts from its submit).")
+    lines = ["# fastllm bench: serving", "", machine_line, f"- Packages: {packages}", workload_line, method_line,
+             f"- Run: {results['created']}, {results.get('elapsed_s', 0):.0f} s"]
+    for shape in results["shapes"]:
+        title = (f"## {shape['name']}: {shape['architecture']}, {shape['parameters'] / 1e6:.1f} M parameters "
+                 f"(random weights), {w['threads']} threads")
+        models = "; ".join(f"{r['label']} ({_size(r.get('model_size_bytes'))}"
+                           + (f", api {r['api']}, peak RSS {r['peak_rss_bytes'] / MB:.0f} MB)" if "error" not in r
+                              else f"): FAILED: {r['error']}") for r in shape["results"])
+        lines += ["", title, "", f"Models: {models}"]
+        lines += serving_tables(shape, results["targets"])
+    if results["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_serving_markdown(results: dict, path: Path) -> Path:
+    path.write_text(serving_markdown(results))
+    return path
