@@ -85,6 +85,8 @@ def register(subparsers) -> None:
                    help=f"prefix cache: TTFT of a prompt whose first N tokens are cached against the same prompt "
                         f"uncached ({sd.prefix_suffix} more tokens after them; 0 skips it)")
     s.add_argument("--slots", type=int, default=None, help="the engine's slots (default: the largest concurrency)")
+    s.add_argument("--prefill-chunk", type=int, default=None,
+                   help="the engine's prefill chunk, prompt positions per step (default: the engine's)")
     p.set_defaults(func=run)
 
 
@@ -154,7 +156,8 @@ def run_serving(args) -> int:
         concurrency=_ints("--concurrency")(args.concurrency), prompt_length=lengths[0] if lengths else d.prompt_length,
         new_tokens=d.new_tokens if args.new_tokens is None else args.new_tokens, workloads=_names(args.workloads),
         min_requests=args.requests, rate=args.rate, poisson_requests=args.poisson_requests,
-        prefix_length=args.prefix_length, threads=args.threads, slots=args.slots, seed=args.seed)
+        prefix_length=args.prefix_length, threads=args.threads, slots=args.slots, prefill_chunk=args.prefill_chunk,
+        seed=args.seed)
     options = serving_runner.ServingOptions(
         shapes=tuple(args.shape), workload=workload, model_dirs=tuple(args.model_dir),
         graphs=_names(args.graphs or "fused"), precisions=_names(args.precisions), work_dir=args.work_dir,

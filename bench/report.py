@@ -235,7 +235,8 @@ def serving_markdown(results: dict) -> str:
         f"- Machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX flags read'}), {m['usable_cores']} usable cores "
         f"of {m['logical_cores']}, {memory}; {m['os']}, Python {m['python']}; {load}")
     workload_line = (
-        f"- Workload: {w['threads']} threads; engine slots {w['engine_slots']}; every request a random prompt of "
+        f"- Workload: {w['threads']} threads; engine slots {w['engine_slots']}, prefill chunk "
+        f"{w.get('prefill_chunk') or 'the engine default'}; every request a random prompt of "
         f"{w['prompt_length']} ids (seed {w['seed']}) and {w['new_tokens']} new tokens, greedy, EOS ignored; "
         f"concurrency {', '.join(map(str, w['concurrency']))}; together: max({w['min_waves']} waves, "
         f"{w['min_requests']} requests) per concurrency; poisson: {w['poisson_requests']} requests at "

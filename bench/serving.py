@@ -52,6 +52,7 @@ class ServingWorkload:
     prefix_repeats: int = 3  # ... pairs (uncached, cached), each with a prefix of its own; medians reported
     threads: int = 2  # intra-op threads of the engine
     slots: int | None = None  # the engine's slots; default: the largest concurrency
+    prefill_chunk: int | None = None  # the engine's prefill chunk (prompt positions per step); None: its default
     warmup: bool = True  # untimed requests before the timed ones (one alone, one wave at the largest concurrency)
     seed: int = 0  # of the prompt ids and the arrival times
 
@@ -68,8 +69,9 @@ class ServingWorkload:
                           ("poisson_requests", 1), ("prefix_length", 0), ("prefix_suffix", 1),
                           ("prefix_new_tokens", 1), ("prefix_repeats", 1), ("threads", 1), ("seed", 0)):
             _check_int(name, getattr(self, name), low)
-        if self.slots is not None:
-            _check_int("slots", self.slots, 1)
+        for name in ("slots", "prefill_chunk"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
         if not isinstance(self.rate, (int, float)) or isinstance(self.rate, bool) or not 0 < self.rate < math.inf:
             raise InvalidParameterError(f"rate must be a number of requests per second > 0, got {self.rate!r}")
 
@@ -291,7 +293,8 @@ def _load(path: str, workload: ServingWorkload, *, slots: int, context: int):
     import fastllm
 
     accepted = inspect.signature(fastllm.load).parameters
-    options = {k: v for k, v in (("slots", slots), ("context", context), ("prefix_cache", True)) if k in accepted}
+    wanted = {"slots": slots, "context": context, "prefix_cache": True, "prefill_chunk": workload.prefill_chunk}
+    options = {k: v for k, v in wanted.items() if k in accepted and v is not None}
     engine = fastllm.load(path, threads=workload.threads, **options)
     return engine, ("submit" if hasattr(engine, "submit") else "steps"), options
 

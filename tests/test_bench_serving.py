@@ -13,6 +13,7 @@ from fastllm.errors import InvalidParameterError
 
 NEW_TOKENS = 4
 PREFIX = 128  # tiny's context is 256: prefix + 64 + new tokens fit
+CHUNK = 64  # the engine reuses whole prefill chunks of a cached prefix
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def serving_run(tmp_path_factory):
     out = root / "out"
     code = main(["bench", "--serving", "--shape", "tiny", "--precisions", "fp32,int4", "--concurrency", "1,2",
                  "--prompt-lengths", "8", "--new-tokens", str(NEW_TOKENS), "--requests", "2", "--poisson-requests",
-                 "3", "--rate", "50", "--prefix-length", str(PREFIX), "--threads", "1", "--work-dir",
+                 "3", "--rate", "50", "--prefix-length", str(PREFIX), "--prefill-chunk", str(CHUNK), "--threads", "1", "--work-dir",
                  str(root / "work"), "--out", str(out)])
     assert code == 0
     return out, json.loads((out / "results.json").read_text())
@@ -47,7 +48,7 @@ def test_every_level_has_its_requests_and_metrics(serving_run):
         assert "error" not in row, row.get("error")
         assert row["api"] in ("submit", "steps") and row["peak_rss_bytes"] > 0 and row["model_size_bytes"] > 0
         if row["api"] == "submit":
-            assert row["load_options"]["slots"] == 2
+            assert row["load_options"]["slots"] == 2 and row["load_options"]["prefill_chunk"] == CHUNK
         for kind, counts in (("together", {1: 2, 2: 4}), ("poisson", {1: 3, 2: 3})):
             assert [e["concurrency"] for e in row[kind]] == [1, 2]
             for entry in row[kind]:
@@ -75,7 +76,8 @@ def test_prefix_cache_measurement(serving_run):
         assert row["targets"]["prefix_ttft_ratio"] == p["ratio"]
         if row["api"] == "submit":  # the second prompt of each pair found the first one's prefix in the cache
             assert all(pair["uncached_cached_tokens"] == 0 for pair in p["pairs"])
-            assert all(0 < pair["cached_tokens"] <= PREFIX for pair in p["pairs"])
+            assert all(pair["cached_tokens"] == PREFIX for pair in p["pairs"])  # 2 whole chunks
+            assert p["stats"]["prefix_cache_hits"] == 4  # the warm-up pair's too
         # no concurrency 8 in this run: the 8-stream targets are not judged
         assert row["targets"]["decode_vs_1"] is None and row["targets"]["decode_vs_1_met"] is None
     fp32, int4 = results["shapes"][0]["results"]
@@ -115,7 +117,7 @@ def test_summarise_percentiles_over_requests():
 
 
 @pytest.mark.parametrize("field, value", [("concurrency", ()), ("concurrency", (0, 2)), ("new_tokens", 1),
-                                          ("rate", 0), ("workloads", ("burst",)), ("slots", 0),
+                                          ("rate", 0), ("workloads", ("burst",)), ("slots", 0), ("prefill_chunk", 0),
                                           ("prefix_length", -1)])
 def test_workload_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(InvalidParameterError, match=field):
