@@ -7,8 +7,10 @@ The runtime imports only numpy, onnxruntime, tokenizers and jinja2; export lives
 `export`), which the runtime never imports.
 """
 
+from fastllm.chat import ChatTemplate
 from fastllm.engine import Completion, Engine, Step, load
 from fastllm.errors import (
+    ChatTemplateError,
     ContextLengthError,
     DeviceError,
     ExportError,
@@ -17,6 +19,7 @@ from fastllm.errors import (
     InvalidPromptError,
     ManifestError,
     ModelLoadError,
+    NoChatTemplateError,
     UnsupportedArchitectureError,
     VerificationError,
 )
@@ -28,6 +31,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "ChatTemplate",
+    "ChatTemplateError",
     "Completion",
     "ContextLengthError",
     "DeviceError",
@@ -39,6 +44,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ModelLoadError",
+    "NoChatTemplateError",
     "SamplingParams",
     "Score",
     "Step",
