@@ -32,6 +32,7 @@ SPECIAL_TOKENS_FILE = "special_tokens_map.json"  # legacy: read when tokenizer_c
 # The special tokens transformers always passes to a template (when set); any other "*_token" string in the
 # tokenizer config, and the named "extra_special_tokens", are passed too.
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # names of an assistant's reasoning, first wins
 NO_TEMPLATE_HINT = "pass a Jinja chat template (--chat-template FILE), or send raw prompts to /v1/completions"
 
 
@@ -207,7 +208,8 @@ def chat_template(directory: str | os.PathLike, override: str | os.PathLike | No
 
 # -- messages -----------------------------------------------------------------------------------------------------
 def check_messages(messages) -> list[dict]:
-    """Messages as the template sees them: plain dicts, None values dropped, text parts joined into one string.
+    """Messages as the template sees them: plain dicts, None values dropped, text parts joined into one string,
+    the reasoning under both "reasoning_content" and "thinking" (as transformers passes it).
 
     Each message needs a string "role" and a "content" that is a string or a list of text parts (an assistant
     message that carries "tool_calls" may have none). Any other key is passed through to the template.
@@ -230,6 +232,9 @@ def check_messages(messages) -> list[dict]:
             message["content"] = _content_text(message["content"], f"{where}.content")
         elif "tool_calls" not in message:
             raise InvalidPromptError(f"{where} ({message['role']}) has no content")
+        reasoning = next((message[key] for key in REASONING_FIELDS if key in message), None)
+        if reasoning is not None:  # templates read "reasoning_content" or (gpt-oss) "thinking": give them both
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         checked.append(message)
     return checked
 

@@ -129,12 +129,15 @@ ZEPHYR = """\
 {% endfor %}
 """
 
-# tools as one indented, sorted JSON document; ASCII escaping and separators chosen by the template
+# tools as one indented, sorted JSON document; ASCII escaping and separators chosen by the template; documents
 TOOLS_JSON = """\
 {% if tools %}Tools: {{ tools | tojson(indent=2, sort_keys=true) }}
 Compact: {{ tools | tojson(separators=(',', ':')) }}
 Escaped: {{ tools[0].function.description | tojson(ensure_ascii=true) }}
 {% endif %}
+{% for document in documents or [] %}
+Document {{ loop.index }} ({{ document.title }}): {{ document.text }}
+{% endfor %}
 {% for message in messages %}{{ message.role | upper }}: {{ message.content }}
 {% if loop.last and message.role != 'user' %}{% break %}{% endif %}
 {% endfor %}
@@ -223,6 +226,14 @@ def test_tools_render_through_tojson_as_in_transformers(pair, name):
         assert '\\u2014 \\u2600' in got and '"required":["city"]' in got and '\n  {\n    "function": {' in got
 
 
+def test_documents_reach_the_template(pair):
+    ours, theirs = pair["tools_json"]
+    messages, documents = CONVERSATIONS["one_user"], [{"title": "list", "text": "append adds"}, {"title": "t"}]
+    got = ours.render(messages, documents=documents)
+    assert got == hf_render(theirs, messages, documents=documents, add_generation_prompt=True)
+    assert "Document 1 (list): append adds\nDocument 2 (t): \n" in got
+
+
 def test_text_parts_are_joined_into_one_string(pair):
     ours, theirs = pair["chatml"]
     parts = [{"role": "user", "content": [{"type": "text", "text": "first line"}, {"type": "text", "text": "second"}]}]
@@ -238,6 +249,17 @@ def test_none_values_are_dropped_as_transformers_drops_them(pair):
                 {"role": "user", "content": "again"}]
     assert ours.render(messages) == hf_render(theirs, messages, add_generation_prompt=True)
     assert "name" not in check_messages(messages)[0] and "content" not in check_messages(messages)[1]
+
+
+def test_reasoning_is_passed_under_the_names_templates_read(tmp_path, bundled_dir):
+    source = ("{% for m in messages %}{{ m.role }}: {% if m.reasoning_content is defined %}<think>"
+              "{{ m.reasoning_content }}|{{ m.thinking }}</think>{% endif %}{{ m.content }}\n{% endfor %}")
+    directory = model_dir(tmp_path, bundled_dir, template=source)
+    for field in ("reasoning", "thinking", "reasoning_content"):
+        messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", field: "add them"}]
+        got = ChatTemplate.from_directory(directory).render(messages, add_generation_prompt=False)
+        assert got == hf_render(hf_tokenizer(directory), messages)
+        assert "<think>add them|add them</think>4" in got
 
 
 def test_strftime_now_renders_today(pair):
