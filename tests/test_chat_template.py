@@ -333,6 +333,20 @@ def test_chat_template_jinja_wins_over_the_config(tmp_path, bundled_dir):
     assert "chat_template.jinja" in ours.origin
 
 
+def test_an_exported_directory_keeps_the_template_transformers_saved(tmp_path, bundled_dir):
+    """save_pretrained writes the template to chat_template.jinja; the exporter copies it with the tokenizer."""
+    from fastllm.export.pipeline import write_tokenizer
+
+    theirs = hf_tokenizer(model_dir(tmp_path / "hub", bundled_dir, config=SPECIALS, template=MISTRAL))
+    theirs.save_pretrained(tmp_path / "saved")
+    (tmp_path / "exported").mkdir()
+    assert write_tokenizer(tmp_path / "saved", tmp_path / "exported") == "tokenizer.json"
+    ours = ChatTemplate.from_directory(tmp_path / "exported")
+    assert "chat_template.jinja" in ours.origin
+    messages = CONVERSATIONS["multi_turn"]
+    assert ours.render(messages) == hf_render(theirs, messages, add_generation_prompt=True)
+
+
 def test_named_templates_in_the_config_use_default(tmp_path, bundled_dir):
     named = [{"name": "tool_use", "template": CHATML}, {"name": "default", "template": PHI3}]
     directory = model_dir(tmp_path, bundled_dir, template=named)
