@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import queue
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -332,6 +333,77 @@ def _draw(weights: np.ndarray, u: float) -> int:
     return min(int(np.searchsorted(cumulative, u * cumulative[-1], side="right")), weights.size - 1)
 
 
+def _needs_exp(params: SamplingParams, vocab: int) -> bool:
+    """Whether a row's draw or logprobs need exp over its whole vocabulary (the normaliser)."""
+    if params.logprobs is not None:
+        return True
+    if params.greedy or 0 < params.top_k < vocab:
+        return False
+    return params.top_p < 1.0 or params.min_p == 0  # top-p, or plain temperature; min-p alone needs no normaliser
+
+
+def _runs(rows: Sequence[int]):
+    """(start, stop) of each maximal stretch of rows[start:stop] that is consecutive and increasing."""
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1:
+            yield start, i
+            start = i
+
+
+_SPLIT_MIN = 300_000  # logits entries to exponentiate from which the helper thread takes half of the rows
+
+
+def _split(rows: int, vocab: int) -> int:
+    """How many of `rows` this thread exponentiates when the helper takes the rest (0: no helper)."""
+    return (rows + 1) // 2 if rows >= 2 and rows * vocab >= _SPLIT_MIN else 0
+
+
+class _Helper:
+    """One daemon thread that runs one function at a time for the samplers of this process (numpy releases the GIL
+    in the large passes, so the two halves of a step's rows run on two cores)."""
+
+    def __init__(self):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="fastllm-sampler", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, args, done = self._tasks.get()
+            try:
+                fn(*args)
+                done.put(None)
+            except Exception as e:  # noqa: BLE001 (handed to the caller, which raises it)
+                done.put(e)
+
+    def start(self, fn, *args) -> _Task:
+        task = _Task()
+        self._tasks.put((fn, args, task.done))
+        return task
+
+
+class _Task:
+    def __init__(self):
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+
+    def wait(self) -> None:
+        error = self.done.get()
+        if error is not None:
+            raise error
+
+
+_helper_lock = threading.Lock()
+_helper_thread: _Helper | None = None
+
+
+def _helper() -> _Helper:
+    global _helper_thread
+    with _helper_lock:
+        if _helper_thread is None:
+            _helper_thread = _Helper()
+        return _helper_thread
+
+
 class Sampler:
     """Samples rows of logits; owns its scratch (one vocabulary-sized float32 row), allocated once.
 
@@ -349,6 +421,9 @@ class Sampler:
         self._ones = np.ones(_BLOCK, dtype=np.float32)  # block sums as one matrix-vector product (BLAS)
         self._block_sums = np.empty(vocab_size // _BLOCK, dtype=np.float32)  # (blocks,)
         self._mask: np.ndarray | None = None  # (vocab,) float32 0/1, for the mass ahead of a token (top-p)
+        self._ready: float | None = None  # the temperature _exp and _cumulative hold the current row at, if any
+        self._block: np.ndarray | None = None  # (rows, vocab) float32: the exp of the rows of a step
+        self._sums: np.ndarray | None = None  # (rows, blocks) float32: their block sums
 
     def sample(self, logits: np.ndarray, params: SamplingParams | Sequence[SamplingParams],
                rngs: Sequence[np.random.Generator], histories: Sequence[TokenHistory | None] | None = None, *,
@@ -360,24 +435,36 @@ class Sampler:
         logprobs (else None). Each row draws one rng.random() unless greedy, so a row sampled here gets the token
         it gets sampled alone with the same rng state. The penalties are written into the seen ids of `logits`
         and restored before returning (logits that are read-only or not float32 are copied instead).
+
+        The rows are sampled together: the full-vocabulary passes (penalties, argmax, max, and the exp and block
+        sums of the rows that need the whole normaliser) run over runs of consecutive rows at once, split between
+        this thread and a helper thread when there is enough of them; then each row draws on its own.
         """
-        rows = range(logits.shape[0]) if rows is None else rows
-        ids = np.empty(len(rows), dtype=np.int64)
-        logprobs: list[TokenLogprob | None] = []
-        for i, row in enumerate(rows):
-            p = params if isinstance(params, SamplingParams) else params[row]
-            ids[i], lp = self._row(logits[row], p, rngs[row], None if histories is None else histories[row])
-            logprobs.append(lp)
+        rows = list(range(logits.shape[0])) if rows is None else [int(r) for r in rows]
+        per = [params if isinstance(params, SamplingParams) else params[row] for row in rows]
+        x = logits
+        if not (logits.dtype == np.float32 and logits.flags.writeable and logits.ndim == 2):
+            x = np.array(logits[rows], dtype=np.float32).reshape(len(rows), -1)  # (n, vocab) copy
+            at = list(range(len(rows)))
+        else:
+            at = rows
+        restore = self._penalise(x, at, per, [None if histories is None else histories[row] for row in rows])
+        try:
+            ids, logprobs = self._sample_rows(x, at, per, [rngs[row] for row in rows])
+        finally:
+            if restore is not None:
+                restore()
         return ids, logprobs
 
     def sample_one(self, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
                    history: TokenHistory | None = None) -> int:
         """The token id for one row of logits (vocab,)."""
-        return self._row(logits, params, rng, history)[0]
+        return int(self.sample(logits[None], [params], [rng], [history])[0][0])
 
     def probabilities(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         """The distribution `sample` draws from for logits (vocab,) already penalised: (vocab,) float64, sums to 1."""
         x = self._writable(logits)
+        self._ready = None
         p = np.zeros(x.size)
         if params.greedy:
             p[int(np.argmax(x))] = 1.0
@@ -399,31 +486,128 @@ class Sampler:
         self._copy[:] = logits
         return self._copy
 
-    def _row(self, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-             history: TokenHistory | None) -> tuple[int, TokenLogprob | None]:
-        x = self._writable(logits)
-        self._cumulative = None
-        seen = original = None
-        if history is not None and params.penalised and history.ids.size:
-            seen = history.ids
-            original = x[seen]  # (n,) put back below: the caller's logits come back unchanged
-            x[seen] = penalised(original, params, history)
+    def _penalise(self, x: np.ndarray, rows: list[int], params: list[SamplingParams],
+                  histories: list[TokenHistory | None]):
+        """Write the penalties into the seen ids of the rows of x (n, vocab) at once; returns what puts the
+        original values back (or None when no row is penalised). The same float32 arithmetic as `penalised`."""
+        hit = [(row, p, h) for row, p, h in zip(rows, params, histories)
+               if h is not None and p.penalised and h.ids.size]
+        if not hit:
+            return None
+        if len(hit) == 1 or not x.flags.c_contiguous:  # one row at a time
+            saved = [(row, h.ids, x[row, h.ids]) for row, _, h in hit]
+            for (row, p, h), (_, seen, original) in zip(hit, saved):
+                x[row, seen] = penalised(original, p, h)
+
+            def put_back():
+                for row, seen, original in saved:
+                    x[row, seen] = original
+            return put_back
+        flat = x.reshape(-1)  # a view
+        sizes = [h.ids.size for _, _, h in hit]
+        index = np.concatenate([h.ids + row * x.shape[1] for row, _, h in hit])  # (seen in all rows,)
+        original = flat[index]
+        values = original
+        if any(p.repetition_penalty != 1.0 for _, p, _ in hit):
+            rep = np.repeat(np.array([p.repetition_penalty for _, p, _ in hit], dtype=np.float32), sizes)
+            values = np.where(values > 0, values / rep, values * rep)
+        else:
+            values = values.copy()
+        if any(p.presence_penalty or p.frequency_penalty for _, p, _ in hit):
+            counts = np.concatenate([h.counts for _, _, h in hit])
+            presence = np.repeat([float(p.presence_penalty) for _, p, _ in hit], sizes)
+            frequency = np.repeat([float(p.frequency_penalty) for _, p, _ in hit], sizes)
+            values -= (presence * (counts > 0) + frequency * counts).astype(np.float32)
+        flat[index] = values
+
+        def put_back():
+            flat[index] = original
+        return put_back
+
+    def _sample_rows(self, x: np.ndarray, rows: list[int], params: list[SamplingParams],
+                     rngs: list[np.random.Generator]) -> tuple[np.ndarray, list[TokenLogprob | None]]:
+        """The rows of x (n, vocab), already penalised: the shared passes, then each row's draw."""
+        n, vocab = len(rows), x.shape[1]
+        ids = np.empty(n, dtype=np.int64)
+        logprobs: list[TokenLogprob | None] = [None] * n
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        for start, stop in _runs([rows[i] for i in greedy]):  # greedy: the argmax of consecutive rows at once
+            ids[greedy[start:stop]] = np.argmax(x[rows[greedy[start]] : rows[greedy[stop - 1]] + 1], axis=1)
+        drawn = [i for i, p in enumerate(params) if not p.greedy or p.logprobs is not None]
+        if len(drawn) > 1:  # the max of every drawn row, the exp of those that need it: shared passes
+            exps = [i for i in drawn if _needs_exp(params[i], vocab)]
+            xmax, cumulative, offsets = self._passes(x, [rows[i] for i in drawn], [rows[i] for i in exps],
+                                                     [params[i].temperature or 1.0 for i in exps])
+            where = {i: k for k, i in enumerate(exps)}
+        own = self._exp
         try:
-            if params.greedy:
-                token, xmax = int(np.argmax(x)), None
-            else:
-                xmax = float(x.max())
-                u = rng.random()
-                if params.top_p < 1.0 and not 0 < params.top_k < x.size and params.min_p == 0:
-                    token = self._draw_top_p(x, params, xmax, u, rng)
+            for j, i in enumerate(drawn):
+                row, p = x[rows[i]], params[i]
+                if len(drawn) == 1:  # one row: its passes as it goes
+                    top = float(row.max())
                 else:
-                    kept, weights = self._distribution(x, params, xmax)
-                    token = self._draw_full(weights, u) if kept is None else int(kept[_draw(weights, u)])
-            logprob = None if params.logprobs is None else self._logprob(x, params, token, xmax)
+                    top, k = float(xmax[j]), where.get(i)
+                    if k is not None:
+                        self._exp, self._cumulative, self._offset = self._block[k], cumulative[k], offsets[k]
+                        self._ready = p.temperature or 1.0
+                if not p.greedy:
+                    ids[i] = self._draw(row, p, top, rngs[i])
+                if p.logprobs is not None:
+                    logprobs[i] = self._logprob(row, p, int(ids[i]), top)
+                self._exp, self._ready = own, None
         finally:
-            if seen is not None:
-                x[seen] = original
-        return token, logprob
+            self._exp, self._ready = own, None
+        return ids, logprobs
+
+    def _passes(self, x: np.ndarray, maxed: list[int], exps: list[int], temperatures: list[float]) -> tuple:
+        """The full-vocabulary passes of a step over several rows: the max of the rows `maxed` of x (penalised),
+        and for the rows `exps` (with their temperatures) exp(x / T - offset) into self._block, as `_exp_row`
+        computes it for one row, its block cumsums and the offsets. Runs of consecutive rows take one call each;
+        with enough rows the helper thread does the exp of half of them (one call, without the GIL)."""
+        vocab, blocks = x.shape[1], x.shape[1] // _BLOCK
+        xmax = np.empty(len(maxed), dtype=np.float32)  # (rows,)
+        for start, stop in _runs(maxed):
+            np.max(x[maxed[start] : maxed[stop - 1] + 1], axis=1, out=xmax[start:stop])
+        n = len(exps)
+        if not n:
+            return xmax, None, None
+        if self._block is None or self._block.shape[0] < n:
+            self._block = np.empty((max(n, 8), vocab), dtype=np.float32)  # (rows, vocab), grown rarely
+            self._sums = np.empty((max(n, 8), blocks), dtype=np.float32)  # (rows, blocks)
+        at = {row: j for j, row in enumerate(maxed)}
+        scales = [1.0 / t for t in temperatures]
+        offsets = []  # as `_exp_row`: 0 unless exp could overflow or underflow, else xmax / T
+        for row, scale in zip(exps, scales):
+            top = float(xmax[at[row]]) * scale
+            offsets.append(0.0 if -60 < top < 60 else top)
+        e = self._block[:n]  # (n, vocab)
+        column = np.array(scales, dtype=np.float32)[:, None]  # (n, 1)
+        for start, stop in _runs(exps):
+            np.multiply(x[exps[start] : exps[stop - 1] + 1], column[start:stop], out=e[start:stop])
+        if any(offsets):
+            np.subtract(e, np.array(offsets, dtype=np.float32)[:, None], out=e)
+        half = _split(n, vocab)
+        if half:
+            helper = _helper().start(np.exp, e[half:], e[half:])
+            try:
+                np.exp(e[:half], out=e[:half])
+            finally:
+                helper.wait()
+        else:
+            np.exp(e, out=e)
+        sums = np.empty((n, blocks + 1))  # (n, blocks + 1) float64
+        np.matmul(e[:, : blocks * _BLOCK].reshape(n, blocks, _BLOCK), self._ones, out=self._sums[:n])
+        sums[:, :blocks] = self._sums[:n]
+        sums[:, blocks] = e[:, blocks * _BLOCK :].sum(axis=1)
+        return xmax, np.cumsum(sums, axis=1, out=sums), offsets
+
+    def _draw(self, x: np.ndarray, params: SamplingParams, xmax: float, rng: np.random.Generator) -> int:
+        """One draw for x (vocab,) penalised, temperature > 0."""
+        u = rng.random()
+        if params.top_p < 1.0 and not 0 < params.top_k < x.size and params.min_p == 0:
+            return self._draw_top_p(x, params, xmax, u, rng)
+        kept, weights = self._distribution(x, params, xmax)
+        return self._draw_full(weights, u) if kept is None else int(kept[_draw(weights, u)])
 
     def _distribution(self, x: np.ndarray, params: SamplingParams, xmax: float) -> tuple:
         """What a draw needs for x (vocab,) penalised, temperature > 0: (kept ids in increasing order, their
@@ -524,6 +708,8 @@ class Sampler:
     def _exp_row(self, x: np.ndarray, xmax: float, temperature: float) -> np.ndarray:
         """self._exp = exp(x / temperature - self._offset) (float32, in place; offset 0 unless exp could overflow
         or underflow, else xmax / temperature); returns its block cumsums (float64), the last the normaliser."""
+        if self._ready == temperature:  # computed with the other rows of the step
+            return self._cumulative
         e, scale = self._exp, 1.0 / temperature
         self._offset = 0.0 if -60 < xmax * scale < 60 else xmax * scale  # e <= e**60: no overflow in the sums
         if temperature != 1.0:
@@ -538,6 +724,7 @@ class Sampler:
         sums[:blocks] = np.matmul(e[: blocks * _BLOCK].reshape(blocks, _BLOCK), self._ones, out=self._block_sums)
         sums[blocks] = e[blocks * _BLOCK :].sum()
         self._cumulative = np.cumsum(sums, out=sums)
+        self._ready = temperature
         return self._cumulative
 
     def _draw_full(self, cumulative: np.ndarray, u: float) -> int:
@@ -559,7 +746,7 @@ class Sampler:
         t = params.temperature or 1.0
         if xmax is None:
             xmax = float(x.max())
-        cumulative = self._exp_row(x, xmax, t) if self._cumulative is None else self._cumulative
+        cumulative = self._exp_row(x, xmax, t)
         shift = t * (self._offset + math.log(cumulative[-1]))  # log-softmax(x / t) = (x - shift) / t
         top_ids, top_values = _top(x, params.logprobs) if params.logprobs else ((), ())
         return TokenLogprob(token, (float(x[token]) - shift) / t,

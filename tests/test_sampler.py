@@ -379,3 +379,27 @@ def test_history_is_compact():
     for t in (3, 7, 7, 7):
         h.add(t)
     assert sorted(zip(h.ids.tolist(), h.counts.tolist())) == [(3, 1), (5, 0), (7, 3), (9, 0)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "read_only"])
+def test_a_batch_with_its_own_params_per_row_samples_each_row_as_alone(layout):
+    """Rows in any order with different params (temperatures, filters, penalties, logprobs) get, together, the
+    tokens and logprobs they get alone with the same rng state; the caller's logits come back unchanged."""
+    from fastllm.sampler import Sampler
+
+    modes = list(MODES.values())
+    params = [modes[i % len(modes)].replace(temperature=0.5 + 0.1 * i, logprobs=(i % 4 or None))
+              for i in range(10)] + [SamplingParams(), SamplingParams(logprobs=2, repetition_penalty=1.2)]
+    base = np.stack([ROWS[name] for name in ("peaked", "flat", "middle")] * 4)  # (12, V)
+    logits = {"contiguous": base.copy(), "strided": np.pad(base, ((0, 0), (0, 3)))[:, :V],
+              "read_only": base.copy()}[layout]
+    logits.flags.writeable = layout != "read_only"
+    histories = [history_of(V, [i, 7, 9, 40_000 + i], [i * 3, 5, 5]) for i in range(12)]
+    rows = [11, 0, 1, 2, 6, 5, 4, 9, 10]
+    ids, logprobs = Sampler(V).sample(logits, params, [np.random.default_rng(i) for i in range(12)], histories,
+                                      rows=rows)
+    np.testing.assert_array_equal(logits, base)
+    for i, row in enumerate(rows):
+        one, lp = Sampler(V).sample(base[row : row + 1], [params[row]], [np.random.default_rng(row)],
+                                    [histories[row]])
+        assert ids[i] == one[0] and logprobs[i] == lp[0]
