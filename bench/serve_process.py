@@ -59,13 +59,13 @@ class ServerProcess:
 
     def request(self, method: str, path: str, data: bytes | None, headers: dict | None,
                 timeout: float = 60.0) -> tuple[int, dict, bytes]:
-        """(status, headers, body); an HTTP error status is returned, not raised."""
+        """(status, headers with lower-case names, body); an HTTP error status is returned, not raised."""
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, dict(r.headers), r.read()
+                return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
         except urllib.error.HTTPError as e:
-            return e.code, dict(e.headers), e.read()
+            return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
     def metrics(self) -> dict[str, float]:
         """The /metrics samples without labels: name -> value."""

@@ -315,8 +315,16 @@ def completion_logprobs(items: list[TokenLogprob], token_text, offset: int = 0) 
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": [_logprob(t.logprob) for t in items],
-            "top_logprobs": [{token_text(i): _logprob(lp) for i, lp in t.top} for t in items],
+            "top_logprobs": [_top(t.top, token_text) for t in items],
             "text_offset": offsets}
+
+
+def _top(top, token_text) -> dict:
+    """{token text: logprob}, most likely first; two ids with the same text keep the likelier one's logprob."""
+    out = {}
+    for token_id, logprob in top:
+        out.setdefault(token_text(token_id), _logprob(logprob))
+    return out
 
 
 def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:

@@ -16,7 +16,7 @@ from fastllm.export.quantized_graph import matmul_labels, quantize_graph
 ROOT = Path(__file__).resolve().parents[1]
 # top-level folder -> its installed name (pyproject.toml's package-dir)
 PACKAGES = {"fastllm": "fastllm", "export": "fastllm.export", "kernels": "fastllm.kernels", "bench": "fastllm.bench",
-            "train": "fastllm.train"}
+            "train": "fastllm.train", "serve": "fastllm.serve"}
 # The one cycle allowed: the architecture registry imports its built-in adapters (export/architectures/*) so that
 # they register themselves, and each adapter imports the registry to register.
 REGISTRY, ADAPTERS = "fastllm.export.registry", "fastllm.export.architectures"
@@ -140,3 +140,20 @@ def test_imports_go_one_way():
     train = sorted((m, t) for m, targets in graph.items() if folders[m] in ("export", "kernels")
                    for t in targets if folders[t] == "train")
     assert train == [], "export/ and kernels/ never import train/"
+
+
+def test_import_fastllm_leaves_the_server_unimported():
+    """The server's extra (Starlette, uvicorn, prometheus-client) loads only when `fastllm serve` runs: not on
+    `import fastllm`, nor when the command line registers the `serve` subcommand."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fastllm, fastllm.cli\n"
+            "fastllm.cli.parser()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('starlette', 'uvicorn', 'prometheus_client', "
+            "'openai') or m in ('fastllm.serve.app', 'fastllm.serve.protocol', 'fastllm.serve.metrics')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    graph = import_graph()
+    assert [m for m, targets in graph.items() if m.split(".")[1:2] != ["serve"]
+            and any(t.startswith("fastllm.serve") for t in targets)] == [], "only fastllm.serve imports the server"
