@@ -47,3 +47,7 @@ class ExportError(FastLLMError):
 
 class VerificationError(ExportError):
     """The exported graph does not reproduce the PyTorch reference within tolerance."""
+
+
+class QueueFullError(FastLLMError):
+    """As many requests as the engine's max_queue already wait for a slot; retry later (HTTP 503)."""

@@ -65,41 +65,58 @@ def test_token_id_prompts_equal_text_prompts(engines, tokenizer):
 
 @pytest.mark.parametrize("graph", ["fused", "portable"])
 def test_prompt_is_not_recomputed(exported, monkeypatch, graph):
-    """Prefill runs once over the prompt; every later step feeds exactly one new token per row."""
+    """Prefill runs once over each prompt; every later step feeds exactly one new token per row."""
     _, path = exported["LlamaForCausalLM", graph]
     engine = fastllm.load(path)
     seen = []
-    forward = engine.session.forward
+    if graph == "fused":  # the scheduler's forward passes: prefill (1, n) per prompt, decode (rows, 1)
+        run = engine._scheduler._run
 
-    def spy(cache, binding, feeds, **kw):
-        seen.append(feeds["input_ids"].shape)
-        return forward(cache, binding, feeds, **kw)
+        def spy(binding, feeds):
+            seen.append(feeds["input_ids"].shape)
+            return run(binding, feeds)
 
-    monkeypatch.setattr(engine.session, "forward", spy)
+        monkeypatch.setattr(engine._scheduler, "_run", spy)
+    else:  # one request at a time, each with its own cache
+        forward = engine.session.forward
+
+        def spy(cache, binding, feeds, **kw):
+            seen.append(feeds["input_ids"].shape)
+            return forward(cache, binding, feeds, **kw)
+
+        monkeypatch.setattr(engine.session, "forward", spy)
     c = engine.generate(["abc", "a longer prompt"], fastllm.SamplingParams(max_new_tokens=5, ignore_eos=True))
-    width = max(x.prompt_tokens for x in c)
-    assert seen == [(2, width)] + [(2, 1)] * 4
+    prefills = [shape for shape in seen if shape[1] > 1]
+    assert sorted(prefills) == sorted((1, x.prompt_tokens) for x in c)
+    decodes = [shape for shape in seen if shape[1] == 1]
+    assert sum(rows for rows, _ in decodes) >= 2 * 4
+    if graph == "portable":
+        assert decodes == [(1, 1)] * 8
+    else:  # rows decode together once both are prefilled: fewer forward passes than tokens
+        assert len(decodes) < 8
 
 
 def test_chunked_prefill_matches_transformers(engines, hf_models, tokenizer, variant, monkeypatch):
-    """A single prompt longer than the prefill chunk is prefilled in steps (fused graph): the same greedy tokens as
-    transformers; a batch still goes in one step."""
+    """A prompt longer than the prefill chunk is prefilled in steps (fused graph), alone or beside others: the same
+    greedy tokens as transformers."""
     arch, graph = variant
-    steps = []
-    original = fastllm.kv_cache.SharedKVCache.prefill_steps
+    engine = fastllm.load(engines[variant].directory, prefill_chunk=4, prefix_cache=False)
+    chunks = []
+    if graph == "fused":
+        step = engine._scheduler._prefill_step
 
-    def recorded(self, prompts, pad, chunk):
-        steps.append(len(result := original(self, prompts, pad, chunk)))
-        return result
+        def counted():
+            chunks.append(engine._scheduler._prefilling[0].id)
+            return step()
 
-    monkeypatch.setattr(fastllm.kv_cache.SharedKVCache, "prefill_steps", recorded)
-    monkeypatch.setattr(fastllm.engine, "PREFILL_CHUNK", 4)
+        monkeypatch.setattr(engine._scheduler, "_prefill_step", counted)
     params = fastllm.SamplingParams(max_new_tokens=NEW)
     for prompt in PROMPTS:
-        ours = engines[variant].generate(prompt, params)
+        ours = engine.generate(prompt, params)
         assert list(ours.token_ids) == hf_greedy(hf_models[arch], tokenizer, [prompt])[0], prompt
-    batch = engines[variant].generate(PROMPTS, params)
+    batch = engine.generate(PROMPTS, params)
     assert [list(c.token_ids) for c in batch] == hf_greedy(hf_models[arch], tokenizer, PROMPTS)
     if graph == "fused":
         widths = [len(tokenizer.encode(p).ids) for p in PROMPTS]
-        assert steps == [-(-w // 4) for w in widths] + [1]
+        per_request = [chunks.count(r) for r in dict.fromkeys(chunks)]
+        assert per_request == [-(-w // 4) for w in widths] * 2
