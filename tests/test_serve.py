@@ -439,5 +439,7 @@ def test_a_full_queue_is_503_with_retry_after(keyed):
     finally:
         running.close()
         waiting.close()
+    assert wait_for(lambda: keyed.metrics()["fastllm_requests_waiting"] == 0
+                    and keyed.metrics()["fastllm_slots_in_use"] == 0)
     r = client.completions.create(model=NAME, prompt="x", max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")
