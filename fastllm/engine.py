@@ -59,6 +59,7 @@ class Engine:
             self.layout = None
             self._scheduler = SerialScheduler(session, manifest, tokenizer, max_queue=max_queue)
         self.context = self.layout.context if self.layout else manifest.max_context
+        self._chat_template = None
         weakref.finalize(self, self._scheduler.stop, False)
 
     # -- requests ---------------------------------------------------------------------------------------------
@@ -160,12 +161,35 @@ class Engine:
         yield from _lockstep(self._submit(prompts, params, detokenize=bool(params.stop)),
                              lambda step: step.token_id)
 
+    # -- chat -------------------------------------------------------------------------------------------------
+    def chat(self, messages, params: SamplingParams | Mapping | None = None, *, template=None,
+             **template_kwargs) -> Completion:
+        """The assistant's reply to `messages` (OpenAI-style [{"role": ..., "content": ...}, ...]): the model's
+        chat template renders them with the generation prompt (as transformers' apply_chat_template does), then
+        generate(). template: a fastllm.chat.ChatTemplate, a file or the template text, instead of the model's.
+        template_kwargs (e.g. tools=[...]) go to the template. A model without a template: NoChatTemplateError.
+        """
+        return self.generate(self.chat_prompt(messages, template=template, **template_kwargs), params)
+
+    def chat_prompt(self, messages, *, template=None, add_generation_prompt: bool = True,
+                    **template_kwargs) -> list[int]:
+        """The token ids chat() generates from. The rendered text holds its special tokens (the template writes
+        bos_token itself), so it is encoded without adding any: no double BOS."""
+        from fastllm.chat import ChatTemplate, chat_template
+
+        if not isinstance(template, ChatTemplate):
+            if template is None and self._chat_template is None:
+                self._chat_template = chat_template(self.directory)  # read once
+            template = self._chat_template if template is None else chat_template(self.directory, template)
+        text = template.render(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
+        return self.encode(text, add_special_tokens=False)
+
     # -- text, scoring, parameters ----------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:
             raise InvalidPromptError(f"{self.directory} has no tokenizer; pass token ids instead of text")
         _check_text(text, "text")
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def score(self, prompt, *, top_logprobs: int = 0, window: int | None = None, stride: int | None = None):
         """The log-probability of each prompt token after the first under the model, optionally with the
