@@ -165,12 +165,14 @@ class Server:
         if reserved:
             raise P.bad(f"chat_template_kwargs may not set {', '.join(reserved)}; they are request fields",
                         "chat_template_kwargs")
-        try:
-            text = self.template.render(list(g.messages), add_generation_prompt=g.add_generation_prompt,
-                                        **g.template_kwargs)
+        try:  # rendered, then encoded without the tokenizer's own special tokens (the template wrote them)
+            ids = engine.chat_prompt(list(g.messages), template=self.template,
+                                     add_generation_prompt=g.add_generation_prompt, **g.template_kwargs)
         except (ChatTemplateError, InvalidPromptError) as e:
             raise P.bad(str(e), "messages") from None
-        return [encode_rendered(engine, text)]
+        if not ids:
+            raise P.bad("the chat template rendered these messages to no tokens", "messages")
+        return [ids]
 
     def params(self, engine, g: P.GenerationRequest, prompt_tokens: int, choice: int) -> fastllm.SamplingParams:
         """The SamplingParams of one choice: the request's fields over the model's defaults; choice j of n samples
@@ -313,26 +315,6 @@ async def cancel_on_disconnect(request: Request, requests: list) -> None:
             for r in requests:
                 r.cancel()
             return
-
-
-def encode_rendered(engine, text: str) -> list[int]:
-    """A rendered chat prompt as token ids, WITHOUT the tokenizer's own special tokens: the template wrote those
-    it wants (as transformers encodes it)."""
-    if engine.tokenizer is None:
-        raise P.bad(f"{engine.directory} has no tokenizer, so chat messages cannot be encoded; send token ids to "
-                    "/v1/completions", "messages")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise P.bad(f"the messages are not valid Unicode (a lone surrogate at character {e.start} of the rendered "
-                    "prompt)", "messages") from None
-    try:
-        ids = engine.tokenizer.encode(text, add_special_tokens=False)
-    except TypeError:  # a Tokenizer whose encode() always adds them: the tokenizers object underneath
-        ids = engine.tokenizer._tok.encode(text, add_special_tokens=False).ids
-    if not ids:
-        raise P.bad("the chat template rendered these messages to no tokens", "messages")
-    return ids
 
 
 def request_terms(message: str, g: P.GenerationRequest) -> str:
