@@ -305,8 +305,9 @@ class Loop:
                 waiting = sum(not r.internal for r in itertools.chain(self._inbox, self._waiting))
                 if waiting >= self.max_queue:
                     raise QueueFullError(f"{waiting} requests are already waiting for a slot (max_queue="
-                                         f"{self.max_queue}); retry later, or load the engine with a larger "
-                                         "max_queue or more slots")
+                                         f"{self.max_queue}); retry later, or raise the bound or the slots "
+                                         "(fastllm.load(..., max_queue=N, slots=N), fastllm serve --max-queue N "
+                                         "--slots N)")
             self._inbox.append(request)
             self._wake.notify()
             if self._thread is None:
