@@ -264,12 +264,15 @@ def _candidates(x: np.ndarray, n: int) -> np.ndarray:
     return ids if ids.size >= n else np.arange(x.size)
 
 
-def _top(x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The n largest entries of x (vocab,): (ids, values), largest first, ties by id."""
-    ids = _candidates(x, n)
+def _top(x: np.ndarray, n: int, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The n largest entries of x (vocab,): (ids, values), largest first, ties by id. ids: candidates already
+    found for at least n (`_candidates`, in id order), else found here."""
+    ids = _candidates(x, n) if ids is None else ids
     values = x[ids]
     if ids.size > n:
-        keep = np.argpartition(values, ids.size - n)[ids.size - n :]
+        kth = np.partition(values, ids.size - n)[ids.size - n]  # the n-th largest value
+        keep = values > kth
+        keep[np.flatnonzero(values == kth)[: n - int(np.count_nonzero(keep))]] = True  # its ties: smallest ids
         ids, values = ids[keep], values[keep]
     order = np.lexsort((ids, -values))
     return ids[order], values[order]
@@ -418,6 +421,7 @@ class Sampler:
         self._block_sums = np.empty(vocab_size // _BLOCK, dtype=np.float32)  # (blocks,)
         self._mask: np.ndarray | None = None  # (vocab,) float32 0/1, for the mass ahead of a token (top-p)
         self._ready: float | None = None  # the temperature _exp and _cumulative hold the current row at, if any
+        self._found: tuple[int, np.ndarray] | None = None  # (n, _candidates(row, n)) of the current row, if any
         self._block: np.ndarray | None = None  # (rows, vocab) float32: the exp of the rows of a step
         self._sums: np.ndarray | None = None  # (rows, blocks) float32: their block sums
 
@@ -528,6 +532,7 @@ class Sampler:
         logprobs: list[TokenLogprob | None] = [None] * n
         if n == 1:  # one row: its passes as it goes
             row, p = x[rows[0]], params[0]
+            self._found = None
             top = None if p.greedy and p.logprobs is None else float(row.max())
             ids[0] = np.argmax(row) if p.greedy else self._draw(row, p, top, rngs[0])
             if p.logprobs is not None:
@@ -547,6 +552,7 @@ class Sampler:
         try:
             for j, i in enumerate(drawn):
                 row, p = x[rows[i]], params[i]
+                self._found = None
                 if len(drawn) == 1:  # one row: its passes as it goes
                     top = float(row.max())
                 else:
@@ -605,6 +611,11 @@ class Sampler:
         sums[:, blocks] = e[:, blocks * _BLOCK :].sum(axis=1)
         return xmax, np.cumsum(sums, axis=1, out=sums), offsets
 
+    def _candidates(self, x: np.ndarray, n: int) -> np.ndarray:
+        """`_candidates(x, n)`, kept for the logprobs of the same row (see `_logprob`)."""
+        self._found = (n, _candidates(x, n))
+        return self._found[1]
+
     def _draw(self, x: np.ndarray, params: SamplingParams, xmax: float, rng: np.random.Generator) -> int:
         """One draw for x (vocab,) penalised, temperature > 0."""
         u = rng.random()
@@ -618,7 +629,7 @@ class Sampler:
         weights (float64)), or (None, block cumsums) to draw over the whole vocabulary from self._exp."""
         t = params.temperature
         if 0 < params.top_k < x.size:  # the k largest (all ties of the k-th), then top-p and min-p among them
-            kept = _candidates(x, params.top_k)
+            kept = self._candidates(x, params.top_k)
             values = x[kept]
             if kept.size > params.top_k:
                 kth = np.partition(values, kept.size - params.top_k)[kept.size - params.top_k]
@@ -660,7 +671,7 @@ class Sampler:
         vocabulary (a float32 dot product)."""
         cumulative = self._exp_row(x, xmax, params.temperature)
         need = params.top_p * float(cumulative[-1])
-        kept = _candidates(x, _TOP_P_FIRST)
+        kept = self._candidates(x, _TOP_P_FIRST)
         weights = self._exp[kept].astype(np.float64)
         if weights.sum() >= need:
             kept, weights = _nucleus(kept, weights, need)  # in id order, as `_distribution` draws
@@ -690,7 +701,7 @@ class Sampler:
         mass >= need. First the ~_TOP_P_FIRST most likely; if they fall short, the rest of the mass is estimated
         from a strided sample of the weights below them, and the guess checked; at worst the whole vocabulary."""
         e = self._exp
-        kept = _candidates(x, _TOP_P_FIRST)
+        kept = self._candidates(x, _TOP_P_FIRST)
         weights = e[kept].astype(np.float64)
         mass = weights.sum()
         if mass >= need:
@@ -751,7 +762,8 @@ class Sampler:
             xmax = float(x.max())
         cumulative = self._exp_row(x, xmax, t)
         shift = t * (self._offset + math.log(cumulative[-1]))  # log-softmax(x / t) = (x - shift) / t
-        top_ids, top_values = _top(x, params.logprobs) if params.logprobs else ((), ())
+        found = self._found[1] if self._found is not None and self._found[0] >= params.logprobs else None
+        top_ids, top_values = _top(x, params.logprobs, found) if params.logprobs else ((), ())
         return TokenLogprob(token, (float(x[token]) - shift) / t,
                             tuple((int(i), (float(v) - shift) / t) for i, v in zip(top_ids, top_values)))
 

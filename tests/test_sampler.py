@@ -403,3 +403,18 @@ def test_a_batch_with_its_own_params_per_row_samples_each_row_as_alone(layout):
         one, lp = Sampler(V).sample(base[row : row + 1], [params[row]], [np.random.default_rng(row)],
                                     [histories[row]])
         assert ids[i] == one[0] and logprobs[i] == lp[0]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(logprobs=5), SamplingParams(temperature=0.8, logprobs=5),
+                                    SamplingParams(temperature=0.8, top_p=0.9, logprobs=5),
+                                    SamplingParams(temperature=0.8, top_k=300, logprobs=5)])
+def test_logprob_alternatives_tied_in_value_come_by_id(params):
+    """Ties at the n-th alternative are taken smallest id first, whichever candidates the draw found."""
+    from fastllm.sampler import Sampler
+
+    logits = np.zeros((2, V), dtype=np.float32)
+    logits[:, 9_000] = 1.0
+    logits[1, 20_000:] = -1.0
+    _, logprobs = Sampler(V).sample(logits, params, [np.random.default_rng(0), np.random.default_rng(1)])
+    for lp in logprobs:
+        assert [i for i, _ in lp.top] == [9_000, 0, 1, 2, 3]
