@@ -573,40 +573,54 @@ class Sampler:
         """The full-vocabulary passes of a step over several rows: the max of the rows `maxed` of x (penalised),
         and for the rows `exps` (with their temperatures) exp(x / T - offset) into self._block, as `_exp_row`
         computes it for one row, its block cumsums and the offsets. Runs of consecutive rows take one call each;
-        with enough rows the helper thread does the exp of half of them (one call, without the GIL)."""
+        with enough rows to exponentiate, the helper thread does the passes of half of them (a few long calls
+        that release the GIL)."""
         vocab, blocks = x.shape[1], x.shape[1] // _BLOCK
-        xmax = np.empty(len(maxed), dtype=np.float32)  # (rows,)
-        for start, stop in _runs(maxed):
-            np.max(x[maxed[start] : maxed[stop - 1] + 1], axis=1, out=xmax[start:stop])
         n = len(exps)
-        if not n:
-            return xmax, None, None
-        if self._block is None or self._block.shape[0] < n:
+        if n and (self._block is None or self._block.shape[0] < n):
             self._block = np.empty((max(n, 8), vocab), dtype=np.float32)  # (rows, vocab), grown rarely
             self._sums = np.empty((max(n, 8), blocks), dtype=np.float32)  # (rows, blocks)
-        at = {row: j for j, row in enumerate(maxed)}
+        xmax = np.empty(len(maxed), dtype=np.float32)  # (rows,)
         scales = [1.0 / t for t in temperatures]
-        offsets = []  # as `_exp_row`: 0 unless exp could overflow or underflow, else xmax / T
-        for row, scale in zip(exps, scales):
-            top = float(xmax[at[row]]) * scale
-            offsets.append(0.0 if -60 < top < 60 else top)
-        e = self._block[:n]  # (n, vocab)
         column = np.array(scales, dtype=np.float32)[:, None]  # (n, 1)
-        for start, stop in _runs(exps):
-            np.multiply(x[exps[start] : exps[stop - 1] + 1], column[start:stop], out=e[start:stop])
-        if any(offsets):
-            np.subtract(e, np.array(offsets, dtype=np.float32)[:, None], out=e)
+        e = self._block[:n] if n else None  # (n, vocab)
+
+        def work(m0: int, m1: int, k0: int, k1: int) -> None:
+            """The max of maxed[m0:m1], the exp and block sums of exps[k0:k1] (no offset)."""
+            for start, stop in _runs(maxed[m0:m1]):
+                np.max(x[maxed[m0 + start] : maxed[m0 + stop - 1] + 1], axis=1, out=xmax[m0 + start : m0 + stop])
+            for start, stop in _runs(exps[k0:k1]):
+                np.multiply(x[exps[k0 + start] : exps[k0 + stop - 1] + 1], column[k0 + start : k0 + stop],
+                            out=e[k0 + start : k0 + stop])
+            if k1 > k0:
+                with np.errstate(over="ignore"):  # a row that overflows is done again, shifted (below)
+                    np.exp(e[k0:k1], out=e[k0:k1])
+                    np.matmul(e[k0:k1, : blocks * _BLOCK].reshape(k1 - k0, blocks, _BLOCK), self._ones,
+                              out=self._sums[k0:k1])
+
         half = _split(n, vocab)
         if half:
-            helper = _helper().start(np.exp, e[half:], e[half:])
+            middle = (len(maxed) + 1) // 2
+            helper = _helper().start(work, middle, len(maxed), half, n)
             try:
-                np.exp(e[:half], out=e[:half])
+                work(0, middle, 0, half)
             finally:
                 helper.wait()
         else:
-            np.exp(e, out=e)
+            work(0, len(maxed), 0, n)
+        if not n:
+            return xmax, None, None
+        at = {row: j for j, row in enumerate(maxed)}
+        offsets = []  # as `_exp_row`: 0 unless exp could overflow or underflow, else xmax / T
+        for k, (row, scale) in enumerate(zip(exps, scales)):
+            top = float(xmax[at[row]]) * scale
+            offsets.append(0.0 if -60 < top < 60 else top)
+            if offsets[-1]:  # rare (logits beyond +-60 T): this row again, shifted
+                np.multiply(x[row], column[k, 0], out=e[k])
+                np.subtract(e[k], np.float32(top), out=e[k])
+                np.exp(e[k], out=e[k])
+                np.matmul(e[k, : blocks * _BLOCK].reshape(blocks, _BLOCK), self._ones, out=self._sums[k])
         sums = np.empty((n, blocks + 1))  # (n, blocks + 1) float64
-        np.matmul(e[:, : blocks * _BLOCK].reshape(n, blocks, _BLOCK), self._ones, out=self._sums[:n])
         sums[:, :blocks] = self._sums[:n]
         sums[:, blocks] = e[:, blocks * _BLOCK :].sum(axis=1)
         return xmax, np.cumsum(sums, axis=1, out=sums), offsets
