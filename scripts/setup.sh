@@ -7,5 +7,5 @@ PYTHON=${PYTHON:-python3}
 # torch first, pinned: on this machine `torch==2.13.0` resolves to the CPU wheel; an unpinned `torch`
 # would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[export,bench,serve,dev]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[export,bench,serve,ray,dev]"
 .venv/bin/python -c "import fastllm, torch, onnxruntime; print('fastllm', fastllm.__version__, '| torch', torch.__version__, '| onnxruntime', onnxruntime.__version__)"

@@ -52,7 +52,35 @@ def register(subparsers) -> None:
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level (default: info)")
     p.add_argument("--access-log", action="store_true", help="log every request (default: off)")
+    ray = p.add_argument_group("scale-out on Ray Serve (extra `ray`; README: Scale-out on Ray Serve)")
+    ray.add_argument("--replicas", type=positive, default=None, metavar="N",
+                     help="serve N replicas of the app, each with its own engine, behind one endpoint")
+    ray.add_argument("--autoscale", type=replica_range, default=None, metavar="MIN:MAX",
+                     help="as --replicas, between MIN and MAX replicas as the ongoing requests per replica ask")
+    ray.add_argument("--address", default=None, metavar="ADDR",
+                     help="join the Ray cluster at ADDR (e.g. auto, or HEAD_IP:6379) instead of starting a local one")
+    ray.add_argument("--num-cpus", type=positive, default=None, metavar="N",
+                     help="CPUs Ray reserves for each replica; its engine's threads unless --threads says otherwise "
+                          "(default: --threads, else 1)")
+    ray.add_argument("--router", default="prefix", choices=("prefix", "round-robin"),
+                     help="which replica takes a request: the one holding its prompt's prefix, else the least "
+                          "loaded (prefix, the default), or each in turn (round-robin)")
     p.set_defaults(func=run)
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def replica_range(text: str) -> tuple[int, int]:
+    """--autoscale: MIN:MAX replicas, 0 <= MIN <= MAX, MAX >= 1."""
+    low, _, high = text.partition(":")
+    if not (low.isdigit() and high.isdigit()) or int(high) < max(1, int(low)):
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX replicas with 0 <= MIN <= MAX and MAX >= 1, like 1:4, "
+                                         f"got {text!r}")
+    return int(low), int(high)
 
 
 def run(args) -> int:
@@ -74,6 +102,8 @@ def run(args) -> int:
                     chat_template=args.chat_template,
                     load_options={k: v for k, v in options.items() if v is not None or k == "max_queue"})
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
+    if args.replicas or args.autoscale or args.address:
+        return run_ray(args, model, server.load_options)
     config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.access_log, timeout_graceful_shutdown=5)
     http = uvicorn.Server(config)
@@ -83,3 +113,27 @@ def run(args) -> int:
         error = server.load_error
         raise error if isinstance(error, FastLLMError) else FastLLMError(f"loading {model} failed: {error}")
     return 0
+
+
+def run_ray(args, model, load_options: dict) -> int:
+    """--replicas / --autoscale / --address: the same app on Ray Serve replicas (fastllm.serve.ray_app)."""
+    if args.replicas and args.autoscale:
+        raise FastLLMError("--replicas and --autoscale exclude each other: a fixed count, or MIN:MAX")
+    try:
+        from fastllm.serve import ray_app
+    except ImportError as e:
+        raise FastLLMError(f"--replicas, --autoscale and --address need the ray extra ({e}); install it with "
+                           "pip install 'fastllm[ray]'") from None
+    from pathlib import Path
+
+    num_cpus = args.num_cpus or args.threads or 1
+    load_options = {**load_options, "threads": args.threads or num_cpus}
+    template = args.chat_template  # a file is read on each replica: by its absolute path
+    if template is not None and Path(template).is_file():
+        template = str(Path(template).resolve())
+    server_options = {"served_model_name": args.served_model_name, "api_key": args.api_key,
+                      "chat_template": template}
+    return ray_app.run(str(Path(model).resolve()), address=args.address, host=args.host, port=args.port,
+                       num_cpus=num_cpus, replicas=args.replicas, autoscale=args.autoscale,
+                       server_options=server_options, load_options=load_options, router=args.router,
+                       log_level=args.log_level)

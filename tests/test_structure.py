@@ -143,15 +143,16 @@ def test_imports_go_one_way():
 
 
 def test_import_fastllm_leaves_the_server_unimported():
-    """The server's extra (Starlette, uvicorn, prometheus-client) loads only when `fastllm serve` runs: not on
-    `import fastllm`, nor when the command line registers the `serve` subcommand."""
+    """The server's extras (Starlette, uvicorn, prometheus-client; ray for --replicas) load only when `fastllm serve`
+    runs: not on `import fastllm`, nor when the command line registers the `serve` subcommand."""
     import subprocess
     import sys
 
     code = ("import sys, fastllm, fastllm.cli\n"
             "fastllm.cli.parser()\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('starlette', 'uvicorn', 'prometheus_client', "
-            "'openai') or m in ('fastllm.serve.app', 'fastllm.serve.protocol', 'fastllm.serve.metrics')))")
+            "'openai', 'ray') or m in ('fastllm.serve.app', 'fastllm.serve.protocol', 'fastllm.serve.metrics', "
+            "'fastllm.serve.ray_app', 'fastllm.serve.ray_router')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     graph = import_graph()
