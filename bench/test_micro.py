@@ -4,8 +4,8 @@
 
 One decode step of the tiny exported model (the session call and the sampling of one token, through the public
 Engine.tokens loop), and the sampler: one row of logits per mode at the smollm2 (49,152) and Qwen2 (151,936)
-vocabularies, a batch of 8 rows beside one row, and logprobs=5. Targets (issue 11): <= 0.15 ms per token at 49k,
-<= 0.4 ms at 152k, a batch of 8 rows <= 4x one row.
+vocabularies, a batch of 8 rows beside one row, logprobs=5, and 8 rows each with its own mode. Targets (issue 11):
+<= 0.15 ms per token at 49k, <= 0.4 ms at 152k, a batch of 8 rows <= 4x one row.
 """
 
 from __future__ import annotations
@@ -93,3 +93,15 @@ def test_sampler_per_step(benchmark, mode, batch, vocab):
     benchmark.extra_info["per_token_us"] = benchmark.stats.stats.min / batch * 1e6
     assert ids.shape == (batch,) and ((0 <= ids) & (ids < vocab)).all()
     assert (logprobs[0] is None) == (MODES[mode].logprobs is None)
+
+
+@pytest.mark.parametrize("vocab", [49_152, 151_936])
+def test_sampler_per_step_mixed(benchmark, vocab):
+    """8 rows, each with its own params (one row per mode, as a continuous-batching step has them), every other
+    row of the logits block (the scheduler passes `rows`): compare with the modes' 1-row times."""
+    logits, rngs, histories = _rows(vocab, 16)
+    params = [MODES[name] for name in MODES] * 2  # (16,) one per row of logits
+    sampler = Sampler(vocab)
+    ids, logprobs = benchmark(sampler.sample, logits, params, rngs, histories, rows=range(0, 16, 2))
+    assert ids.shape == (8,) and ((0 <= ids) & (ids < vocab)).all()
+    assert [lp is None for lp in logprobs] == [params[row].logprobs is None for row in range(0, 16, 2)]
