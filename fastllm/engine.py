@@ -80,6 +80,11 @@ class Engine:
                 detokenize: bool = True) -> list[Request]:
         """Requests for prompts; with a seed, prompt i samples with seed + i."""
         self._check_fits(prompts, params)
+        vocab = self.manifest.vocab_size
+        outside = [t for t, _ in params.logit_bias if t >= vocab] + [t for t in params.stop_token_ids if t >= vocab]
+        if outside:
+            raise InvalidParameterError(f"token ids {outside[:5]} in logit_bias / stop_token_ids are outside the "
+                                        f"vocabulary [0, {vocab}); use ids of this model's tokenizer")
         if params.stop and self.tokenizer is None:
             raise InvalidParameterError(f"stop strings {list(params.stop)} need a tokenizer and {self.directory} has "
                                         "none; use stop_token_ids instead")

@@ -9,6 +9,7 @@ bounded candidate set found from a threshold, never by sorting the vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import queue
 import threading
@@ -54,6 +55,25 @@ def _ints(value, name: str) -> tuple:
     return tuple(value.tolist() if isinstance(value, np.ndarray) else value)
 
 
+def _bias(value) -> tuple[tuple[int, float], ...]:
+    """{id: bias} (ids may be strings of digits, as JSON object keys are) or (id, bias) pairs -> sorted pairs."""
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        _check(isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value),
+               f"logit_bias must be a mapping of token id to bias, {_got(value, False)}")
+        pairs = [tuple(p) for p in value]
+    out = {}
+    for key, bias in pairs:
+        token = int(key) if isinstance(key, str) and key.isdigit() else key
+        _check(_is_int(token) and token >= 0,
+               f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
+        _check(_is_number(bias) and -100 <= bias <= 100,
+               f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {key!r}")
+        out[int(token)] = float(bias)
+    return tuple(sorted(out.items()))
+
+
 MAX_LOGPROBS = 20  # the most alternatives `logprobs` / `prompt_logprobs` may ask for (OpenAI's limit)
 
 
@@ -65,8 +85,10 @@ class SamplingParams:
     logit is divided by it, a negative one multiplied); presence_penalty and frequency_penalty follow the OpenAI
     rule over output tokens (logit -= presence * [count > 0] + frequency * count).
 
-    logprobs are those of the distribution after the penalties and the temperature, before top_k / top_p / min_p
-    truncate it (greedy: after the penalties, at temperature 1); see Sampler.sample.
+    logit_bias ({token id: bias in [-100, 100]}, as OpenAI's) is added to the raw logits before anything else.
+
+    logprobs are those of the distribution after the logit bias, the penalties and the temperature, before top_k /
+    top_p / min_p truncate it (greedy: after the bias and penalties, at temperature 1); see Sampler.sample.
     """
 
     max_new_tokens: int = 128
@@ -83,8 +105,10 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # per generated token: its logprob and the N most likely alternatives (0 = its own)
     prompt_logprobs: int | None = None  # the same for every prompt token (as Engine.score computes them)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # given as a mapping {id: bias}; kept as sorted (id, bias) pairs
 
     def __post_init__(self):
+        object.__setattr__(self, "logit_bias", _bias(self.logit_bias))
         object.__setattr__(self, "stop", _strings(self.stop, "stop"))
         object.__setattr__(self, "stop_token_ids", _ints(self.stop_token_ids, "stop_token_ids"))
         _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
@@ -156,6 +180,13 @@ class SamplingParams:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+
+
+@functools.lru_cache(maxsize=256)
+def _bias_arrays(params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """params.logit_bias as arrays: ids (n,) int64, biases (n,) float32."""
+    ids, values = zip(*params.logit_bias)
+    return np.array(ids, dtype=np.int64), np.array(values, dtype=np.float32)
 
 
 def _check_names(values: Mapping, where: str) -> None:
@@ -448,12 +479,20 @@ class Sampler:
             at = list(range(len(rows)))
         else:
             at = rows
-        restore = self._penalise(x, at, per, [None if histories is None else histories[row] for row in rows])
+        biased = [(row, *_bias_arrays(p)) for row, p in zip(at, per) if p.logit_bias]
+        saved = [(row, ids, x[row, ids]) for row, ids, _ in biased]  # fancy indexing: copies
+        for row, ids, values in biased:
+            x[row, ids] += values
         try:
-            ids, logprobs = self._sample_rows(x, at, per, [rngs[row] for row in rows])
+            restore = self._penalise(x, at, per, [None if histories is None else histories[row] for row in rows])
+            try:
+                ids, logprobs = self._sample_rows(x, at, per, [rngs[row] for row in rows])
+            finally:
+                if restore is not None:
+                    restore()
         finally:
-            if restore is not None:
-                restore()
+            for row, bias_ids, original in saved:
+                x[row, bias_ids] = original
         return ids, logprobs
 
     def sample_one(self, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,

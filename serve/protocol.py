@@ -3,7 +3,7 @@ objects in OpenAI's exact shapes. No I/O and no engine here: app.py drives the e
 
 Fields follow OpenAI's API, plus the sampling fields vLLM adds (top_k, min_p, repetition_penalty, stop_token_ids,
 ignore_eos, add_generation_prompt). Unknown fields are ignored, as OpenAI and vLLM do; known fields this server
-cannot honour (tools, response_format other than text, logit_bias, ...) are refused with a 400 naming them, never
+cannot honour (tools, response_format other than text, ...) are refused with a 400 naming them, never
 accepted and silently ignored.
 """
 
@@ -112,7 +112,6 @@ UNSUPPORTED = {
     "functions": lambda v: v in (None, []),
     "function_call": lambda v: v in (None, "none"),
     "response_format": lambda v: v is None or v == {"type": "text"},
-    "logit_bias": lambda v: v in (None, {}),
     "audio": lambda v: v is None,
     "modalities": lambda v: v in (None, ["text"]),
     "prediction": lambda v: v is None,
@@ -123,7 +122,7 @@ UNSUPPORTED = {
 }
 # the sampling fields whose names and rules are SamplingParams' own (it checks them and names them in its errors)
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
-            "seed", "stop", "stop_token_ids", "ignore_eos")
+            "seed", "stop", "stop_token_ids", "ignore_eos", "logit_bias")
 
 
 def _refuse_unsupported(body: Mapping) -> None:
@@ -184,6 +183,9 @@ def _common(body: dict, kind: str) -> dict:
                                              and all(_is_int(t) for t in sampling["stop_token_ids"])):
         raise bad(f"stop_token_ids must be a list of integers, got {json.dumps(sampling['stop_token_ids'])}",
                   "stop_token_ids")
+    if "logit_bias" in sampling and not isinstance(sampling["logit_bias"], dict):
+        raise bad(f"logit_bias must be an object of token id to bias, got {json.dumps(sampling['logit_bias'])}",
+                  "logit_bias")
     n = _int(body, "n", low=1, high=MAX_N) or 1
     best_of = _int(body, "best_of", low=1)
     if best_of is not None and best_of != n:

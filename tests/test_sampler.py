@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import fastllm
-from fastllm.sampler import SamplingParams, TokenHistory, apply_penalties, probabilities, sample
+from fastllm.errors import InvalidParameterError
+from fastllm.sampler import Sampler, SamplingParams, TokenHistory, apply_penalties, probabilities, sample
 
 LOGITS = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05], dtype=np.float32))  # softmax = these probabilities
 
@@ -418,3 +419,30 @@ def test_logprob_alternatives_tied_in_value_come_by_id(params):
     _, logprobs = Sampler(V).sample(logits, params, [np.random.default_rng(0), np.random.default_rng(1)])
     for lp in logprobs:
         assert [i for i, _ in lp.top] == [9_000, 0, 1, 2, 3]
+
+
+def test_logit_bias_moves_only_its_row_and_is_restored():
+    """+100 on a token makes it the greedy pick, -100 on the argmax bans it; other rows of the step and the
+    caller's logits are untouched."""
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((3, 500)).astype(np.float32)
+    before = logits.copy()
+    top = int(np.argmax(logits[1]))
+    plain = SamplingParams()
+    rows = [plain, SamplingParams(logit_bias={7: 100.0}), SamplingParams(logit_bias={str(top): -100})]
+    gens = [np.random.default_rng(i) for i in range(3)]
+    ids, _ = Sampler(500).sample(logits, rows, gens, [None] * 3)
+    assert ids[0] == np.argmax(before[0]) and ids[1] == 7
+    third = before[2].copy()
+    third[top] -= 100
+    assert ids[2] == np.argmax(third)
+    assert np.array_equal(logits, before)
+
+
+def test_logit_bias_is_checked():
+    assert SamplingParams(logit_bias={"12": 1, 3: -2.5}).logit_bias == ((3, -2.5), (12, 1.0))
+    for bad, message in (({-1: 1}, "keys must be token ids"), ({"a": 1}, "keys must be token ids"),
+                         ({1: 101}, r"values must be numbers in \[-100, 100\]"), ({1: "x"}, "values must be"),
+                         ("1:2", "must be a mapping")):
+        with pytest.raises(InvalidParameterError, match=message):
+            SamplingParams(logit_bias=bad)

@@ -260,3 +260,11 @@ def test_memory_does_not_grow_over_many_requests(engines):
     assert engine.stats()["requests_finished"] == 1000
     assert after_1000 <= after_50 * 1.05, (after_50, after_1000)
     engine.close()
+
+
+def test_logit_bias_reaches_the_request_and_is_checked_against_the_vocabulary(engines):
+    engine = engines["LlamaForCausalLM"]
+    forced = engine.generate([5, 6, 7], {"max_new_tokens": 3, "logit_bias": {9: 100}, "ignore_eos": True})
+    assert forced.token_ids == (9, 9, 9)
+    with pytest.raises(InvalidParameterError, match=r"token ids \[99999\] .* outside the vocabulary"):
+        engine.submit([5], {"max_new_tokens": 2, "logit_bias": {99999: 1}})

@@ -262,7 +262,8 @@ def test_chat_logprobs_match_the_tokens_streamed_or_not(client):
     ({"seed": -3}, "seed"),
     ({"extra_body": {"top_k": -5}}, "top_k"),
     ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
-    ({"logit_bias": {"5": 3}}, "logit_bias"),
+    ({"logit_bias": {"5": 300}}, "logit_bias"),
+    ({"logit_bias": {"x": 3}}, "logit_bias"),
     ({"echo": True}, "echo"),
     ({"stop": [""]}, "stop"),
 ])
@@ -280,6 +281,18 @@ def test_unsupported_chat_fields_are_refused_by_name(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=NAME, messages=MESSAGES, response_format={"type": "json_object"})
     assert e.value.body["param"] == "response_format"
+
+
+def test_logit_bias_forces_and_bans_tokens(client, engine):
+    forced = client.completions.create(model=NAME, prompt="x", max_tokens=3, logit_bias={"9": 100},
+                                       extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert forced.choices[0].text == engine.tokenizer.decode([9, 9, 9])
+    greedy = {"max_new_tokens": 4, "ignore_eos": True}
+    first = engine.generate("x", greedy).token_ids[0]
+    banned = client.completions.create(model=NAME, prompt="x", max_tokens=4, temperature=0,
+                                       logit_bias={str(first): -100}, extra_body={"ignore_eos": True})
+    assert banned.choices[0].text == engine.generate("x", {**greedy, "logit_bias": {first: -100}}).text
+    assert engine.generate("x", {**greedy, "logit_bias": {first: -100}}).token_ids[0] != first
 
 
 def test_unknown_fields_are_ignored(client):
