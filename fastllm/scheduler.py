@@ -45,7 +45,11 @@ if TYPE_CHECKING:
     from fastllm.manifest import Manifest
     from fastllm.session import Session
 
-PREFILL_CHUNK = 256  # prompt positions per prefill step; measured best of 64-512 for one prompt (see engine.py)
+# Prompt positions per prefill step. Measured on smollm2-135m, 2 threads (bench/results/2026-11-24/steps-a): the
+# cost per prompt token is flat from 64 to 256 (fp32 1.18-1.23 ms, int8 0.80-0.82, int4 1.05-1.10) and 30% worse
+# at 512, while the decode rows of other requests wait one chunk per step (fp32: 79 ms at 64, 152 at 128, 303 at
+# 256). 128 keeps that wait at half of 256's for the same prefill cost; it is also the prefix cache's granularity.
+PREFILL_CHUNK = 128
 MAX_SLOTS = 16  # default cap on slots: beyond it a decode step over 2 cores gains little
 KV_SHARE = 0.25  # default KV budget: this share of the memory available at start
 _KEEP_ONE = np.array(1, dtype=np.int64)

@@ -24,10 +24,11 @@ import numpy as np
 
 from fastllm.errors import ContextLengthError, InvalidParameterError
 from fastllm.sampler import TokenLogprob
+from fastllm.scheduler import PREFILL_CHUNK
 
 LOGITS_BUDGET = 64 * 2**20  # float32 logits held at once (rows x positions x vocab): 256 MB
 SOFTMAX_BUDGET = 4 * 2**20  # float64 values of one log-softmax pass (positions x vocab): 32 MB
-CHUNK = 256  # positions per step of a row too long for the budget: the engine's PREFILL_CHUNK
+CHUNK = PREFILL_CHUNK  # positions per step of a row too long for the budget: the engine's prefill chunk
 
 
 @dataclass(frozen=True, eq=False)
