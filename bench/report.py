@@ -151,9 +151,9 @@ def write_markdown(results: dict, path: Path) -> Path:
 
 # -- the serving benchmark (bench.serving_runner) -----------------------------------------------------------------
 TOGETHER_HEADER = ("| engine | concurrency | requests (waves) | output tok/s | decode tok/s | decode ÷ 1 stream | "
-                   "TTFT p50 ms | TTFT p95 ms | TTFT p95 ÷ 1-stream TTFT | TPOT p50 ms | TPOT p95 ms |")
+                   "TTFT p50 ms | TTFT p95 ms | TTFT p95 ÷ 1-stream TTFT | TPOT p50 ms | TPOT p95 ms | load |")
 POISSON_HEADER = ("| engine | max in flight | requests | output tok/s | mean in flight | queue p50 ms | queue p95 ms | "
-                  "TTFT p50 ms | TTFT p95 ms | TTFT p95 ÷ 1-stream TTFT | TPOT p50 ms | TPOT p95 ms |")
+                  "TTFT p50 ms | TTFT p95 ms | TTFT p95 ÷ 1-stream TTFT | TPOT p50 ms | TPOT p95 ms | load |")
 TARGETS_HEADER = ("| engine | decode tok/s at {c} ÷ 1 stream | target | TTFT p95 at {c} ÷ 1-stream TTFT | target | "
                   "cached-prefix TTFT ÷ uncached | target |")
 PREFIX_HEADER = ("| engine | prompt | cached prefix | uncached TTFT ms | cached TTFT ms | ratio | cached tokens "
@@ -186,7 +186,7 @@ def serving_tables(shape: dict, targets: dict) -> list[str]:
                          f"{_opt(e['output_tok_s'])} | {_opt(e['decode_tok_s'])} | {_opt(e['decode_vs_1'], digits=2)} | "
                          f"{_opt(e['ttft_p50_s'], 1e3)} | {_opt(e['ttft_p95_s'], 1e3)} | "
                          f"{_opt(e['ttft_p95_vs_1'], digits=2)} | {_opt(e['tpot_p50_s'], 1e3, 2)} | "
-                         f"{_opt(e['tpot_p95_s'], 1e3, 2)} |")
+                         f"{_opt(e['tpot_p95_s'], 1e3, 2)} | {_opt(e.get('load_average'), digits=2)} |")
     poisson = [(r, e) for r in rows for e in r.get("poisson") or []]
     if poisson:
         rate = poisson[0][1]["rate"]
@@ -197,7 +197,8 @@ def serving_tables(shape: dict, targets: dict) -> list[str]:
                          f"{_opt(e['mean_in_flight'], digits=2)} | {_opt(e['queue_p50_s'], 1e3)} | "
                          f"{_opt(e['queue_p95_s'], 1e3)} | {_opt(e['ttft_p50_s'], 1e3)} | "
                          f"{_opt(e['ttft_p95_s'], 1e3)} | {_opt(e['ttft_p95_vs_1'], digits=2)} | "
-                         f"{_opt(e['tpot_p50_s'], 1e3, 2)} | {_opt(e['tpot_p95_s'], 1e3, 2)} |")
+                         f"{_opt(e['tpot_p50_s'], 1e3, 2)} | {_opt(e['tpot_p95_s'], 1e3, 2)} | "
+                         f"{_opt(e.get('load_average'), digits=2)} |")
     prefix = [r for r in rows if r.get("prefix")]
     if prefix:
         title = (f"### {shape['name']}: prefix cache (time to first token of a prompt whose first tokens are "
@@ -248,7 +249,8 @@ def serving_markdown(results: dict) -> str:
         "Step) / (steps − 1); p50/p95 over requests. Output tok/s: every generated token / wall time (first submit to "
         "last Step, summed over waves). Decode tok/s: Steps per second while every request of a wave is decoding "
         "(after the last first token, before the first finish), median over waves. Queue: a Poisson arrival's wait "
-        "for one of c in flight to finish (TTFT counts from its submit).")
+        "for one of c in flight to finish (TTFT counts from its submit). Load: the machine's 1-minute load average "
+        "when the level finished (other work on the same cores shows there).")
     lines = ["# fastllm bench: serving", "", machine_line, f"- Packages: {packages}", workload_line, method_line,
              f"- Run: {results['created']}, {results.get('elapsed_s', 0):.0f} s"]
     for shape in results["shapes"]:

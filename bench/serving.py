@@ -176,6 +176,14 @@ def decode_rate(requests: list[dict]) -> float | None:
     return steps / (hi - lo) if hi > lo and steps else None
 
 
+def load_average() -> float | None:
+    """The machine's 1-minute load average: other work sharing the cores shows up here."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def summarise(requests: list[dict], wall_s: float) -> dict:
     tokens = sum(r["tokens"] for r in requests)
     return {
@@ -233,7 +241,7 @@ class Driver:
         rates = [w["decode_tok_s"] for w in waves if w["decode_tok_s"] is not None]
         for r in records:
             del r["stamps_s"]  # kept per wave only for the decode window
-        return {"concurrency": concurrency, "waves": len(waves),
+        return {"concurrency": concurrency, "waves": len(waves), "load_average": load_average(),
                 **summarise(records, sum(w["wall_s"] for w in waves)),
                 "decode_tok_s": float(np.median(rates)) if rates else None,  # median over waves
                 "decode_tok_s_waves": [w["decode_tok_s"] for w in waves],
@@ -259,7 +267,8 @@ class Driver:
         records = [timed.join().record(origin) for timed in running]
         wall = max(r["last_s"] for r in records)
         busy = sum(r["last_s"] - r["submitted_s"] for r in records)
-        return {"concurrency": concurrency, "rate": w.rate, **summarise(records, wall),
+        return {"concurrency": concurrency, "rate": w.rate, "load_average": load_average(),
+                **summarise(records, wall),
                 "queue_p50_s": _pct([r["queue_s"] for r in records], 50),
                 "queue_p95_s": _pct([r["queue_s"] for r in records], 95),
                 "mean_in_flight": busy / wall if wall > 0 else None,

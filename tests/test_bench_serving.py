@@ -57,7 +57,7 @@ def test_every_level_has_its_requests_and_metrics(serving_run):
                 for r in entry["raw"]:  # EOS ignored: every request ran to its length
                     assert r["tokens"] == NEW_TOKENS and r["finish_reason"] == "length"
                     assert 0 < r["ttft_s"] and r["first_s"] <= r["last_s"] and r["tpot_s"] > 0
-                assert entry["output_tok_s"] > 0
+                assert entry["output_tok_s"] > 0 and entry["load_average"] >= 0
                 for metric in ("ttft", "tpot"):
                     assert 0 < entry[f"{metric}_p50_s"] <= entry[f"{metric}_p95_s"]
                 assert entry["ttft_p95_vs_1"] > 0
