@@ -26,11 +26,13 @@ steps were computed in a different batch shape).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import itertools
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -317,6 +319,7 @@ class Loop:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._thread_main, name="fastllm-loop", daemon=True)
                 self._thread.start()
+                _LIVE.add(self)
         return request
 
     def wake(self) -> None:
@@ -408,6 +411,19 @@ class Loop:
                     seq.prompt_logprobs if first else None)
         request._push(step)
         return seq.finish_reason is not None
+
+
+_LIVE: weakref.WeakSet[Loop] = weakref.WeakSet()  # loops whose thread started
+
+
+@atexit.register
+def _stop_all() -> None:
+    """At interpreter exit, let every loop finish its step and end: a daemon thread still inside an ONNX Runtime run
+    while the process tears ORT down aborts it ("terminate called without an active exception")."""
+    for loop in list(_LIVE):
+        loop.stop(join=False)
+    for loop in list(_LIVE):
+        loop.stop(join=True)
 
 
 class Scheduler(Loop):
