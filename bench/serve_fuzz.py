@@ -35,7 +35,7 @@ BAD_COMMON = {
     "ignore_eos": ["yes", 1, []],
     "n": [0, -1, 65, 1.5, "2", True],
     "stream": ["yes", 1, {}],
-    "logit_bias": [{"1": 5}, [1]],
+    "logit_bias": [{"1": 500}, {"x": 1}, {"99999999": 1}, {"1": "x"}, [1], "x"],
     "tools": [[{"type": "function", "function": {"name": "f"}}], "x"],
     "response_format": [{"type": "json_object"}, "json"],
     "best_of": [3, 0, "x"],
