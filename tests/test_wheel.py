@@ -32,7 +32,7 @@ def wheel(tmp_path_factory) -> Path:
     source, dist = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("dist")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source)
-    for name in ("fastllm", "export", "kernels", "bench", "train"):
+    for name in ("fastllm", "export", "kernels", "bench", "train", "serve"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
     run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, source,
         cwd=dist)
