@@ -92,6 +92,20 @@ def complete(client, prompt, max_tokens: int):
     return r.choices[0].text, raw.headers[HEADER], r.usage.prompt_tokens_details.cached_tokens
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--replicas", "2", "--num-cpus", "100000"], "need 200000 CPUs"),
+    (["--autoscale", "3:1"], "MIN:MAX"),
+    (["--replicas", "2", "--autoscale", "1:2"], "exclude each other"),
+])
+def test_bad_scale_options_are_refused_before_ray_starts(args, says):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "fastllm", "serve", *args], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode != 0 and says in out.stderr
+
+
 def test_health_lists_both_replicas(server, client):
     status, _, body = server.get("/health")
     assert status == 200 and body.count(b'"replica"') == 2
