@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     if args.json:
         if args.json.exists():
             raise SystemExit(f"{args.json} exists; give a new file")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 

@@ -55,9 +55,10 @@ PREFILL_CHUNK = 128
 MAX_SLOTS = 16  # default cap on slots: beyond it a decode step over 2 cores gains little
 KV_SHARE = 0.25  # default KV budget: this share of the memory available at start
 _KEEP_ONE = np.array(1, dtype=np.int64)
-# cumulative counters in stats(); decode_rows / decode_steps is the mean batch of the decode steps
+# cumulative counters in stats(); decode_rows / decode_steps is the mean batch of the decode steps, decode_rows_run
+# the rows those steps ran (the span of the running slots, idle slots inside it included)
 COUNTERS = ("prefix_cache_hits", "prefix_cached_tokens", "requests_finished", "prompt_tokens", "generated_tokens",
-            "decode_steps", "decode_rows")
+            "decode_steps", "decode_rows", "decode_rows_run")
 
 
 def available_memory() -> int | None:
@@ -460,7 +461,7 @@ class Scheduler(Loop):
         self.sampler = Sampler(manifest.vocab_size)
         self.decode_binding = self.session.ort.io_binding()
         self.prefill_binding = self.session.ort.io_binding()
-        self._decode_bound = 0  # rows the decode binding's KV views cover
+        self._decode_bound: tuple[int, int] | None = None  # slots [lo, hi) the decode binding's views cover
         self._prefill_bound = -1  # slot the prefill binding's KV views cover
         n, vocab = layout.slots, manifest.vocab_size
         self.logits = np.zeros((n, 1, vocab), dtype=np.float32)  # (slots, 1, vocab): decode step logits
@@ -533,35 +534,48 @@ class Scheduler(Loop):
                     best, best_n = s, n
         if best is not None and best.request is None:
             return best, best_n  # take the finished slot over as it is
-        empty = [s for s in free if s.reusable == 0]
-        target = empty[0] if empty else min(free, key=lambda s: s.released)  # else evict the least recent
+        target = min(free, key=self._placement_cost())
         if best is not None and self.kv.copy(best.index, target.index, best_n):
             return target, best_n
         return target, 0
 
+    def _placement_cost(self):
+        """The order in which free slots are taken by a prompt without a reusable prefix: first the one that widens
+        the decode rows least (a decode step runs the span [lo, hi) of the live slots, idle ones inside it
+        included), then an empty one, then the least recently released (its cached prompt is the one given up)."""
+        live = [s.index for s in self.slots if s.request is not None]
+
+        def cost(slot: Slot) -> tuple[int, bool, float]:
+            span = max(live + [slot.index]) - min(live + [slot.index]) + 1
+            return span, slot.reusable != 0, slot.released
+
+        return cost
+
     def _decode_step(self) -> None:
-        hi = max(self._running) + 1
-        for slot in self.slots[:hi]:
+        lo, hi = min(self._running), max(self._running) + 1  # the rows run: slots [lo, hi), one view of them
+        for slot in self.slots[lo:hi]:
             if slot.index not in self._running:  # a dummy row: writes a position nothing keeps
                 spare = min(slot.spare, self.layout.context - 1)
                 self.next_ids[slot.index] = self.pad
                 self.positions[slot.index] = spare
                 self.seqlens[slot.index] = spare
-        self.total[...] = int(self.seqlens[:hi].max()) + 1
+        self.total[...] = int(self.seqlens[lo:hi].max()) + 1
         binding = self.decode_binding
-        if self._decode_bound != hi:
-            self.kv.bind(binding, 0, hi)
-            binding.bind_output("logits", "cpu", 0, np.float32, (hi, 1, self.manifest.vocab_size),
-                                self.logits.ctypes.data)
-            self._decode_bound = hi
-        self._run(binding, {"input_ids": self.next_ids[:hi], "position_ids": self.positions[:hi],
-                            "seqlens_k": self.seqlens[:hi], "total_sequence_length": self.total})
+        if self._decode_bound != (lo, hi):
+            self.kv.bind(binding, lo, hi - lo)
+            binding.bind_output("logits", "cpu", 0, np.float32, (hi - lo, 1, self.manifest.vocab_size),
+                                self.logits[lo:hi].ctypes.data)
+            self._decode_bound = (lo, hi)
+        self._run(binding, {"input_ids": self.next_ids[lo:hi], "position_ids": self.positions[lo:hi],
+                            "seqlens_k": self.seqlens[lo:hi], "total_sequence_length": self.total})
         rows = sorted(self._running)
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += len(rows)
+        self.counters["decode_rows_run"] += hi - lo
         for index in rows:
             self.slots[index].length += 1
-        ids, logprobs = self.sampler.sample(self.logits[:hi, 0], self.params, self.rngs, self.histories, rows=rows)
+        ids, logprobs = self.sampler.sample(self.logits[lo:hi, 0], self.params[lo:hi], self.rngs[lo:hi],
+                                            self.histories[lo:hi], rows=[index - lo for index in rows])
         for index, token, logprob in zip(rows, ids.tolist(), logprobs):
             self._advance(self._running[index], token, logprob)
 
@@ -630,7 +644,7 @@ class Scheduler(Loop):
 
     def _fail_all(self, error: BaseException) -> None:
         super()._fail_all(error)
-        self._decode_bound, self._prefill_bound = 0, -1
+        self._decode_bound, self._prefill_bound = None, -1
 
 
 class SerialScheduler(Loop):

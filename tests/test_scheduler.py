@@ -119,6 +119,31 @@ def test_a_prompt_is_reused_from_a_live_request(engines):
     engine.close()
 
 
+def test_new_requests_take_slots_that_keep_the_decode_rows_together(engines):
+    """A decode step runs the span of the live slots, idle ones inside it included. After 8 requests finished in
+    an order unlike their slots' (5, 0, 3 first), 3 new prompts take 3 adjacent slots, not the 3 least recently
+    released: the steps run no idle row, and the tokens are those of the requests alone."""
+    directory = engines["LlamaForCausalLM"].directory
+    engine = fastllm.load(directory, slots=8, prefill_chunk=CHUNK)
+    vocab = engine.manifest.vocab_size
+    lengths = {5: 2, 0: 12, 3: 24}
+    first = [engine.submit(p, fastllm.SamplingParams(max_new_tokens=lengths.get(k, 40), ignore_eos=True))
+             for k, p in enumerate(_prompts(vocab, [9] * 8, seed=11))]
+    for request in first:
+        request.result(timeout=60)
+    before = engine.stats()
+    prompts = _prompts(vocab, [9, 10, 11], seed=12)
+    params = [fastllm.SamplingParams(max_new_tokens=20, ignore_eos=True)] * 3
+    new = [engine.submit(p, q) for p, q in zip(prompts, params)]
+    tokens = [r.result(timeout=60).token_ids for r in new]
+    after = engine.stats()
+    engine.close()
+    rows = after["decode_rows"] - before["decode_rows"]
+    assert rows == 3 * 19  # each request's first token comes from its prefill
+    assert after["decode_rows_run"] - before["decode_rows_run"] == rows
+    assert tokens == _alone(directory, prompts, params)
+
+
 def test_cancelled_requests_free_their_slots(engines):
     """Cancel while waiting, while prefilling and while decoding: each ends with finish_reason "cancelled", its
     slot is free at once for the next request, and the engine serves on."""
