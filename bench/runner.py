@@ -40,13 +40,7 @@ class BenchOptions:
         object.__setattr__(self, "shapes", tuple(dict.fromkeys(self.shapes)))
         object.__setattr__(self, "engines", tuple(dict.fromkeys(self.engines)))
         object.__setattr__(self, "model_dirs", tuple(str(d) for d in self.model_dirs))
-        if not self.shapes:
-            raise BenchError(f"no shape given; pass --shape with one of {sorted(shape_registry.SHAPES)}")
-        for name in self.shapes:
-            shape_registry.get(name)
-        if not self.precisions or any(p not in shape_registry.PRECISIONS for p in self.precisions):
-            raise BenchError(f"precisions must be a non-empty comma-separated list of "
-                             f"{list(shape_registry.PRECISIONS)}, got {list(self.precisions)!r}")
+        shape_registry.check(self.shapes, self.precisions)
         unknown = [e for e in self.engines if e not in ENGINE_NAMES]
         if unknown or not self.engines:
             raise BenchError(f"engines must be a non-empty comma-separated list of {ENGINE_NAMES}, got "

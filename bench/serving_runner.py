@@ -43,13 +43,7 @@ class ServingOptions:
 
     def __post_init__(self):
         object.__setattr__(self, "shapes", tuple(dict.fromkeys(self.shapes)))
-        if not self.shapes:
-            raise BenchError(f"no shape given; pass --shape with one of {sorted(shape_registry.SHAPES)}")
-        for name in self.shapes:
-            shape_registry.get(name)
-        if not self.precisions or any(p not in shape_registry.PRECISIONS for p in self.precisions):
-            raise BenchError(f"precisions must be a non-empty comma-separated list of "
-                             f"{list(shape_registry.PRECISIONS)}, got {list(self.precisions)!r}")
+        shape_registry.check(self.shapes, self.precisions)
 
 
 def _load_average() -> list[float] | None:

@@ -87,6 +87,17 @@ def get(name: str) -> Shape:
     return SHAPES[name]
 
 
+def check(shapes: tuple[str, ...], precisions: tuple[str, ...]) -> None:
+    """What both benchmarks' options ask of --shape and --precisions: at least one known shape, known precisions."""
+    if not shapes:
+        raise BenchError(f"no shape given; pass --shape with one of {sorted(SHAPES)}")
+    for name in shapes:
+        get(name)
+    if not precisions or any(p not in PRECISIONS for p in precisions):
+        raise BenchError(f"precisions must be a non-empty comma-separated list of {list(PRECISIONS)}, got "
+                         f"{list(precisions)!r}")
+
+
 @dataclass(frozen=True)
 class BuiltShape:
     shape: Shape
