@@ -43,13 +43,6 @@ def wait_quiet(max_load: float, tries: int, pause: float) -> float:
     return round(load_average(), 2)
 
 
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def tree(root: int) -> list[int]:
     """root and every process below it (Ray's head processes and workers descend from the server process)."""
     children: dict[int, list[int]] = {}
@@ -69,34 +62,22 @@ def tree(root: int) -> list[int]:
 
 
 def tree_rss(root: int) -> int:
+    from fastllm.bench.serve_process import rss_bytes
+
     total = 0
     for pid in tree(root):
         try:
-            total += rss(pid)
-        except OSError:
+            total += rss_bytes(pid)
+        except (OSError, RuntimeError):
             pass
     return total
-
-
-def replica_stats(server) -> dict[str, dict]:
-    """/metrics of a Ray deployment by replica: {replica: {'pid': int, metric: value}}; {} for the plain server."""
-    _, _, body = server.get("/metrics")
-    out: dict[str, dict] = {}
-    for line in body.decode().splitlines():
-        if line.startswith("#") or "replica=" not in line:
-            continue
-        name, rest = line.split("{", 1)
-        labels, value = rest.rsplit("} ", 1)
-        fields = {k: v.strip('"') for k, v in (p.split("=", 1) for p in labels.split(","))}
-        out.setdefault(fields["replica"], {"pid": int(fields["pid"])})[name] = float(value)
-    return out
 
 
 def counters(server) -> dict[str, float]:
     """Engine counters summed over replicas (or the plain server's own)."""
     names = ("fastllm_prefix_cache_hits_total", "fastllm_prefix_cached_tokens_total", "fastllm_prompt_tokens_total",
              "fastllm_generation_tokens_total")
-    per = replica_stats(server)
+    per = server.replica_metrics()
     if per:
         return {n: sum(m.get(n, 0.0) for m in per.values()) for n in names}
     plain = server.metrics()
@@ -168,7 +149,7 @@ def prefix_workload(client, model: str, prompts: list[str], server) -> dict:
     hits = after["fastllm_prefix_cache_hits_total"] - before["fastllm_prefix_cache_hits_total"]
     cached = after["fastllm_prefix_cached_tokens_total"] - before["fastllm_prefix_cached_tokens_total"]
     prompt = after["fastllm_prompt_tokens_total"] - before["fastllm_prompt_tokens_total"]
-    per = {r: m.get("fastllm_prefix_cache_hits_total", 0.0) for r, m in replica_stats(server).items()}
+    per = {r: m.get("fastllm_prefix_cache_hits_total", 0.0) for r, m in server.replica_metrics().items()}
     return {"requests": len(jobs), "hits": int(hits), "hit_rate": round(hits / len(jobs), 3),
             "cached_token_share": round(cached / prompt, 3) if prompt else 0.0, "hits_by_replica": per,
             "wall_s": round(wall, 2)}
@@ -178,7 +159,7 @@ def run_model(name: str, model_dir: str | None, args) -> dict:
     import openai
 
     import fastllm
-    from fastllm.bench.serve_process import ServerProcess
+    from fastllm.bench.serve_process import ServerProcess, rss_bytes
     from fastllm.cli import default_model
 
     model_dir = model_dir or default_model()
@@ -206,9 +187,10 @@ def run_model(name: str, model_dir: str | None, args) -> dict:
                 run["round_trip_1_token_ms"] = round_trip(client, served)
             if "p" in work:
                 run["prefix"] = prefix_workload(client, served, prompts, s)
-            per = replica_stats(s)
+            per = s.replica_metrics()
             run["rss_mb"] = {"server_tree": round(tree_rss(s.proc.pid) / 2**20, 1),
-                             "replicas": [round(rss(m["pid"]) / 2**20, 1) for m in per.values()] if per else None}
+                             "replicas": [round(rss_bytes(int(m["pid"])) / 2**20, 1) for m in per.values()] if per
+                             else None}
             run["load_after"] = round(load_average(), 2)
         out["runs"][label] = run
         print(name, label, json.dumps(run), flush=True)

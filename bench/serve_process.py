@@ -14,6 +14,14 @@ import urllib.request
 from pathlib import Path
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,11 +85,22 @@ class ServerProcess:
                 out[name] = float(value)
         return out
 
+    def replica_metrics(self) -> dict[str, dict[str, float]]:
+        """The /metrics of a Ray deployment by replica: {replica: {name: value, 'pid': pid}}; {} from a plain server,
+        whose samples carry no replica label."""
+        _, _, body = self.get("/metrics")
+        out: dict[str, dict[str, float]] = {}
+        for line in body.decode().splitlines():
+            if line.startswith("#") or "replica=" not in line:
+                continue
+            name, rest = line.split("{", 1)
+            labels, value = rest.rsplit("} ", 1)
+            fields = {k: v.strip('"') for k, v in (part.split("=", 1) for part in labels.split(","))}
+            out.setdefault(fields["replica"], {"pid": float(fields["pid"])})[name] = float(value)
+        return out
+
     def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+        return rss_bytes(self.proc.pid)
 
     def log(self) -> str:
         return Path(self._log.name).read_text(errors="replace")

@@ -56,23 +56,8 @@ def engine(model_dir):
     e.close()
 
 
-def replica_metrics(server) -> dict[str, dict[str, float]]:
-    """/metrics by replica: {replica: {name: value}} (and the pid as 'pid')."""
-    _, _, body = server.get("/metrics")
-    out: dict[str, dict[str, float]] = {}
-    for line in body.decode().splitlines():
-        if line.startswith("#") or "{" not in line:
-            continue
-        name, rest = line.split("{", 1)
-        labels, value = rest.rsplit("} ", 1)
-        fields = dict(part.split("=", 1) for part in labels.split(","))
-        replica = fields["replica"].strip('"')
-        out.setdefault(replica, {"pid": float(fields["pid"].strip('"'))})[name] = float(value)
-    return out
-
-
 def total(server, name: str) -> float:
-    return sum(m.get(name, 0.0) for m in replica_metrics(server).values())
+    return sum(m.get(name, 0.0) for m in server.replica_metrics().values())
 
 
 def wait_for(predicate, timeout: float = 30.0) -> bool:
@@ -111,7 +96,7 @@ def test_health_lists_both_replicas(server, client):
     assert status == 200 and body.count(b'"replica"') == 2
     (card,) = client.models.list().data
     assert card.id == NAME
-    assert len(replica_metrics(server)) == 2
+    assert len(server.replica_metrics()) == 2
 
 
 def test_results_are_the_engines_and_both_replicas_serve(client, engine):
@@ -141,13 +126,13 @@ def test_a_shared_512_token_prefix_lands_on_one_replica(server, client, engine):
     ids = engine.encode(system)
     assert len(ids) >= 512
     prefix = engine.tokenizer.decode(ids[:512])
-    before = {r: m["fastllm_prefix_cache_hits_total"] for r, m in replica_metrics(server).items()}
+    before = {r: m["fastllm_prefix_cache_hits_total"] for r, m in server.replica_metrics().items()}
     served = [complete(client, prefix + f"\nquestion {i}: what is {i}?", 4) for i in range(6)]
     replicas = {replica for _, replica, _ in served}
     assert len(replicas) == 1
     assert all(cached >= 256 for _, _, cached in served[1:])
     (home,) = replicas
-    after = replica_metrics(server)
+    after = server.replica_metrics()
     assert after[home]["fastllm_prefix_cache_hits_total"] - before[home] >= 5
 
 
@@ -180,15 +165,15 @@ def test_a_killed_replica_is_replaced_and_no_request_is_lost(server, client):
 
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(one, i) for i in range(8)]
-        assert wait_for(lambda: all(m.get("fastllm_slots_in_use", 0) > 0 for m in replica_metrics(server).values()))
-        metrics = replica_metrics(server)
+        assert wait_for(lambda: all(m.get("fastllm_slots_in_use", 0) > 0 for m in server.replica_metrics().values()))
+        metrics = server.replica_metrics()
         victim, survivor = sorted(metrics, key=lambda r: -metrics[r]["fastllm_slots_in_use"])
         os.kill(int(metrics[victim]["pid"]), signal.SIGKILL)
         outcomes = [f.result(timeout=120) for f in futures]
     assert "cut" not in outcomes  # never silently short
     assert outcomes.count("error") >= 1 and outcomes.count("ok") >= 1
-    assert wait_for(lambda: len(replica_metrics(server)) == 2 and victim not in replica_metrics(server), timeout=90)
-    (new,) = set(replica_metrics(server)) - {survivor}
+    assert wait_for(lambda: len(server.replica_metrics()) == 2 and victim not in server.replica_metrics(), timeout=90)
+    (new,) = set(server.replica_metrics()) - {survivor}
 
     def new_one_serves() -> bool:  # once the controller has told the router about it
         with ThreadPoolExecutor(8) as pool:
