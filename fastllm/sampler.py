@@ -1,8 +1,10 @@
 """SamplingParams, and the Sampler that turns rows of logits into token ids (and their log-probabilities).
 
 The cost per token is a small fraction of a decode step at any vocabulary size: the logits stay float32 and are
-read in place (penalties write the seen ids and put them back), a full pass over the vocabulary is made only where
-the distribution needs the whole normaliser (plain temperature, top-p, logprobs), and top-k / top-p / min-p work on a
+read in place (penalties write the seen ids and put them back); the one full pass that needs a transcendental,
+exp(logits / T) with its block sums, runs in ONNX Runtime (`exp_kernel`: vectorised where numpy's exp is not, and
+the rows of a step split over its threads); plain temperature and top-p draw from that by inverse CDF (top-p by
+rejection: a draw is kept when the mass ahead of it is below top-p); top-k / min-p / a small top-p work on a
 bounded candidate set found from a threshold, never by sorting the vocabulary.
 """
 
@@ -11,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import queue
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastllm.errors import InvalidParameterError
+from fastllm.exp_kernel import ExpKernel, block_size
 
 
 def _check(ok: bool, message: str) -> None:
@@ -274,9 +276,11 @@ def apply_penalties(logits: np.ndarray, params: SamplingParams, history: TokenHi
     return logits
 
 
-_BLOCK = 1024  # a full-vocabulary draw: cumulative sums of blocks of this size, then a cumsum inside one block
+_BLOCK = 1024  # a full-vocabulary draw: cumulative sums of blocks, then a cumsum inside one block; this size where the
+# vocabulary has no divisor near it (exp_kernel.block_size)
 _SAMPLE = 1024  # entries of a strided sample of the row, from which a threshold for ~n candidates is guessed
 _TOP_P_FIRST = 256  # top-p first tries about this many of the most likely tokens (enough for a peaked distribution)
+_REJECT_FROM = 0.5  # from this top_p on, a draw goes straight to rejection (< 2 tries on average)
 
 
 def _candidates(x: np.ndarray, n: int) -> np.ndarray:
@@ -372,6 +376,13 @@ def _needs_exp(params: SamplingParams, vocab: int) -> bool:
     return params.top_p < 1.0 or params.min_p == 0  # top-p, or plain temperature; min-p alone needs no normaliser
 
 
+def _draws_whole(params: SamplingParams, vocab: int) -> bool:
+    """Whether a sampled row draws from its whole temperature distribution (`Sampler._draw_whole`): plain
+    temperature, or top-p alone by rejection; top-k, min-p and a small top-p find candidates first."""
+    return not 0 < params.top_k < vocab and params.min_p == 0 and (params.top_p == 1.0 or
+                                                                    params.top_p >= _REJECT_FROM)
+
+
 def _runs(rows: Sequence[int]):
     """(start, stop) of each maximal stretch of rows[start:stop] that is consecutive and increasing."""
     start = 0
@@ -381,80 +392,35 @@ def _runs(rows: Sequence[int]):
             start = i
 
 
-_SPLIT_MIN = 300_000  # logits entries to exponentiate from which the helper thread takes half of the rows
-
-
-def _split(rows: int, vocab: int) -> int:
-    """How many of `rows` this thread exponentiates when the helper takes the rest (0: no helper)."""
-    return (rows + 1) // 2 if rows >= 2 and rows * vocab >= _SPLIT_MIN else 0
-
-
-class _Helper:
-    """One daemon thread that runs one function at a time for the samplers of this process (numpy releases the GIL
-    in the large passes, so the two halves of a step's rows run on two cores)."""
-
-    def __init__(self):
-        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._loop, name="fastllm-sampler", daemon=True).start()
-
-    def _loop(self) -> None:
-        while True:
-            fn, args, done = self._tasks.get()
-            try:
-                fn(*args)
-                done.put(None)
-            except Exception as e:  # noqa: BLE001 (handed to the caller, which raises it)
-                done.put(e)
-
-    def start(self, fn, *args) -> _Task:
-        task = _Task()
-        self._tasks.put((fn, args, task.done))
-        return task
-
-
-class _Task:
-    def __init__(self):
-        self.done: queue.SimpleQueue = queue.SimpleQueue()
-
-    def wait(self) -> None:
-        error = self.done.get()
-        if error is not None:
-            raise error
-
-
-_helper_lock = threading.Lock()
-_helper_thread: _Helper | None = None
-
-
-def _helper() -> _Helper:
-    global _helper_thread
-    with _helper_lock:
-        if _helper_thread is None:
-            _helper_thread = _Helper()
-        return _helper_thread
-
-
 class Sampler:
-    """Samples rows of logits; owns its scratch (one vocabulary-sized float32 row), allocated once.
+    """Samples rows of logits; owns its scratch (a (rows, vocab) float32 block grown to the largest step, one row,
+    and the exp kernel's sessions), allocated on first use and kept.
 
     Make one per decode loop (or per request) and call `sample` once per step for all rows; not thread-safe (the
     scratch is shared by its calls). The distributions are those of `probabilities`: penalties, temperature,
     top_k, top_p, min_p, in that order; top_k == 1 or temperature == 0 is the argmax.
     """
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, threads: int = 1):
         self.vocab_size = vocab_size
-        self._exp = np.empty(vocab_size, dtype=np.float32)  # (vocab,): exp((logits - max) / T) of the current row
+        self.threads = threads  # of the exp kernel's session (a step's rows are split over them)
+        self._kernel: ExpKernel | None = None
+        self._exp_rows = np.empty((1, vocab_size), dtype=np.float32)  # the exp kernel works on (rows, vocab)
+        self._exp = self._exp_rows[0]  # (vocab,): exp(logits / T - offset) of the current row
+        self._exp_at = (self._exp_rows, 0)  # the buffer and row that self._exp is (for the exp kernel)
         self._copy: np.ndarray | None = None  # (vocab,) float32, for logits the sampler may not write
         self._cumulative: np.ndarray | None = None  # block cumsums of _exp when the current row filled it
         self._offset = 0.0  # _exp = exp(logits / T - _offset)
-        self._ones = np.ones(_BLOCK, dtype=np.float32)  # block sums as one matrix-vector product (BLAS)
-        self._block_sums = np.empty(vocab_size // _BLOCK, dtype=np.float32)  # (blocks,)
-        self._mask: np.ndarray | None = None  # (vocab,) float32 0/1, for the mass ahead of a token (top-p)
+        self._summed = block_size(vocab_size) is not None  # whether the exp kernel sums whole blocks
+        self._blk = block_size(vocab_size) or _BLOCK  # the block size of the draws
+        self._ones = np.ones(self._blk, dtype=np.float32)  # else block sums as one matrix-vector product (BLAS)
+        self._sums_views: dict[tuple[int, int, int], np.ndarray] = {}  # (id(buffer), start, stop) -> block sums
+        self._mask: np.ndarray | None = None  # (rows, vocab) float32 0/1, for the mass ahead of a token (top-p)
+        self._block_cumulative: np.ndarray | None = None  # (rows, blocks + 1): the block cumsums of a step's rows
+        self._row: int | None = None  # the row of self._block the current row's exp is in, if any
         self._ready: float | None = None  # the temperature _exp and _cumulative hold the current row at, if any
         self._found: tuple[int, np.ndarray] | None = None  # (n, _candidates(row, n)) of the current row, if any
         self._block: np.ndarray | None = None  # (rows, vocab) float32: the exp of the rows of a step
-        self._sums: np.ndarray | None = None  # (rows, blocks) float32: their block sums
 
     def sample(self, logits: np.ndarray, params: SamplingParams | Sequence[SamplingParams],
                rngs: Sequence[np.random.Generator], histories: Sequence[TokenHistory | None] | None = None, *,
@@ -468,8 +434,8 @@ class Sampler:
         and restored before returning (logits that are read-only or not float32 are copied instead).
 
         The rows are sampled together: the full-vocabulary passes (penalties, argmax, max, and the exp and block
-        sums of the rows that need the whole normaliser) run over runs of consecutive rows at once, split between
-        this thread and a helper thread when there is enough of them; then each row draws on its own.
+        sums of the rows that need the whole normaliser) run over runs of consecutive rows at once, the exp on the
+        exp kernel's threads; then each row draws on its own.
         """
         rows = list(range(logits.shape[0])) if rows is None else [int(r) for r in rows]
         per = [params if isinstance(params, SamplingParams) else params[row] for row in rows]
@@ -565,104 +531,222 @@ class Sampler:
 
     def _sample_rows(self, x: np.ndarray, rows: list[int], params: list[SamplingParams],
                      rngs: list[np.random.Generator]) -> tuple[np.ndarray, list[TokenLogprob | None]]:
-        """The rows of x (n, vocab), already penalised: the shared passes, then each row's draw."""
+        """The rows of x (n, vocab), already penalised: the shared passes, the draws over the whole temperature
+        distribution (plain temperature, top-p by rejection) of all rows at once, then each other row's draw."""
         n, vocab = len(rows), x.shape[1]
+        if n == 1 and params[0].logprobs is None and (params[0].greedy or _draws_whole(params[0], vocab)):
+            return self._sample_row(x[rows[0] : rows[0] + 1], params[0], rngs[0]), [None]
         ids = np.empty(n, dtype=np.int64)
         logprobs: list[TokenLogprob | None] = [None] * n
-        if n == 1:  # one row: its passes as it goes
-            row, p = x[rows[0]], params[0]
-            self._found = None
-            top = None if p.greedy and p.logprobs is None else float(row.max())
-            ids[0] = np.argmax(row) if p.greedy else self._draw(row, p, top, rngs[0])
-            if p.logprobs is not None:
-                logprobs[0] = self._logprob(row, p, int(ids[0]), top)
-            self._ready = None
-            return ids, logprobs
         greedy = [i for i, p in enumerate(params) if p.greedy]
         for start, stop in _runs([rows[i] for i in greedy]):  # greedy: the argmax of consecutive rows at once
-            ids[greedy[start:stop]] = np.argmax(x[rows[greedy[start]] : rows[greedy[stop - 1]] + 1], axis=1)
+            ids[greedy[start:stop]] = x[rows[greedy[start]] : rows[greedy[stop - 1]] + 1].argmax(axis=1)
         drawn = [i for i, p in enumerate(params) if not p.greedy or p.logprobs is not None]
-        if len(drawn) > 1:  # the max of every drawn row, the exp of those that need it: shared passes
-            exps = [i for i in drawn if _needs_exp(params[i], vocab)]
-            xmax, cumulative, offsets = self._passes(x, [rows[i] for i in drawn], [rows[i] for i in exps],
-                                                     [params[i].temperature or 1.0 for i in exps])
-            where = {i: k for k, i in enumerate(exps)}
+        if not drawn:
+            return ids, logprobs
+        exps = [i for i in drawn if _needs_exp(params[i], vocab)]
+        xmax, cumulative, offsets = self._passes(x, [rows[i] for i in drawn], [rows[i] for i in exps],
+                                                 [params[i].temperature or 1.0 for i in exps])
+        where = {i: k for k, i in enumerate(exps)}
+        self._block_cumulative = cumulative
+        whole = [i for i in exps if not params[i].greedy and _draws_whole(params[i], vocab)]
+        if whole:
+            ids[whole] = self._draw_whole([where[i] for i in whole], [params[i].top_p for i in whole],
+                                          [rngs[i] for i in whole], cumulative)
+        done = set(whole)
         own = self._exp
         try:
             for j, i in enumerate(drawn):
-                row, p = x[rows[i]], params[i]
+                p = params[i]
+                if i in done and p.logprobs is None:
+                    continue
+                row, top, k = x[rows[i]], float(xmax[j]), where.get(i)
                 self._found = None
-                if len(drawn) == 1:  # one row: its passes as it goes
-                    top = float(row.max())
-                else:
-                    top, k = float(xmax[j]), where.get(i)
-                    if k is not None:
-                        self._exp, self._cumulative, self._offset = self._block[k], cumulative[k], offsets[k]
-                        self._ready = p.temperature or 1.0
-                if not p.greedy:
+                if k is not None:  # this row's exp is in the block: the row's passes use it
+                    self._exp, self._cumulative, self._offset = self._block[k], cumulative[k], offsets[k]
+                    self._exp_at, self._ready, self._row = (self._block, k), p.temperature or 1.0, k
+                if not p.greedy and i not in done:
                     ids[i] = self._draw(row, p, top, rngs[i])
                 if p.logprobs is not None:
                     logprobs[i] = self._logprob(row, p, int(ids[i]), top)
-                self._exp, self._ready = own, None
+                self._exp, self._exp_at, self._ready, self._row = own, (self._exp_rows, 0), None, None
         finally:
-            self._exp, self._ready = own, None
+            self._exp, self._exp_at, self._ready, self._row = own, (self._exp_rows, 0), None, None
         return ids, logprobs
+
+    def _sample_row(self, x: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> np.ndarray:
+        """The common step of one request, greedy or drawn from the whole temperature distribution, without
+        logprobs: what the general path does for it (the same passes and draw), with fewer Python steps."""
+        if params.greedy:
+            return x.argmax(axis=1)
+        if self._block is None:
+            self._block = np.empty((8, x.shape[1]), dtype=np.float32)
+        scale = 1.0 / params.temperature
+        top = float(x.max()) * scale
+        cumulative = np.empty((1, x.shape[1] // self._blk + 1))
+        self._exp_into(x, [scale], [0.0 if -60 < top < 60 else top], self._block, 0, 1, cumulative)
+        return self._draw_whole([0], [params.top_p], [rng], cumulative)
+
+    def _draw_whole(self, ks: list[int], top_p: list[float], rngs: list[np.random.Generator],
+                    cumulative: np.ndarray, first: list[float] | None = None) -> np.ndarray:
+        """One draw for each row ks of self._block (its exp, `cumulative` its block cumsums) from the whole
+        temperature distribution, kept when inside the row's nucleus (top_p < 1; see `_draw_top_p`), else drawn
+        again: each row takes rng.random() for its first try (or `first`) and one more per rejection, so it draws
+        the same alone as among others. The tries of all pending rows run together. A row whose total is not a
+        positive finite number (NaN or infinite logits) takes the id of its largest weight."""
+        if len(ks) == 1:  # one row: the same arithmetic in scalar steps (fewer numpy calls)
+            k, cum, rng = ks[0], cumulative[ks[0]], rngs[0]
+            need = top_p[0] * cum[-1]
+            u = first[0] if first is not None else rng.random()
+            if not 0 < cum[-1] < math.inf:  # no mass to draw from (non-finite logits): the row's largest weight
+                return np.array([int(self._block[k].argmax())], dtype=np.int64)
+            while True:
+                token = self._invert_one(k, u, cum)
+                if top_p[0] >= 1.0 or self._inside_one(k, token, need):
+                    return np.array([token], dtype=np.int64)
+                u = rng.random()
+        ks_all = np.asarray(ks, dtype=np.intp)
+        tops = np.asarray(top_p, dtype=np.float64)
+        needs = tops * cumulative[ks_all, -1]
+        us = np.array(first if first is not None else [rng.random() for rng in rngs], dtype=np.float64)
+        out = np.empty(ks_all.size, dtype=np.int64)
+        totals = cumulative[ks_all, -1]
+        bad = ~((totals > 0) & (totals < math.inf))  # no mass to draw from (non-finite logits): the largest weight
+        out[bad] = self._block[ks_all[bad]].argmax(axis=1)
+        pending = np.flatnonzero(~bad)
+        while pending.size:
+            tokens = np.array([self._invert_one(int(ks_all[j]), float(us[j]), cumulative[ks_all[j]])
+                               for j in pending.tolist()], dtype=np.int64)
+            keep = np.ones(pending.size, dtype=bool)
+            checked = np.flatnonzero(tops[pending] < 1.0)
+            if checked.size:
+                keep[checked] = self._inside(ks_all[pending[checked]], tokens[checked], needs[pending[checked]])
+            out[pending[keep]] = tokens[keep]
+            pending = pending[~keep]
+            for j in pending.tolist():
+                us[j] = rngs[j].random()
+        return out
+
+    def _invert_one(self, k: int, u: float, cumulative: np.ndarray) -> int:
+        """Inverse CDF over the exp of row k of self._block: the block where u * total falls from the block cumsums
+        `cumulative` (blocks + 1,), then the id inside it from a cumsum of that block. (A gather of every pending
+        row's block for one vectorised cumsum costs more than this loop at up to 16 rows.)"""
+        target = u * cumulative[-1]
+        block = min(int(cumulative.searchsorted(target, side="right")), cumulative.size - 1)
+        while block > 0 and cumulative[block] == cumulative[block - 1]:  # an empty block (rounding at the end)
+            block -= 1
+        segment = self._block[k, block * self._blk : (block + 1) * self._blk]
+        inside = segment.cumsum(dtype=np.float64)
+        at = int(inside.searchsorted(target - (cumulative[block - 1] if block else 0.0), side="right"))
+        if at >= segment.size:  # rounding past the block's end: its last likely token
+            at = int(np.flatnonzero(segment)[-1])
+        return block * self._blk + at
+
+    def _inside_one(self, k: int, token: int, need: float) -> bool:
+        """`_inside` for the one row k of self._block, the same arithmetic in fewer numpy calls."""
+        row = self._block[k]
+        w = row[token]
+        if self._mask is None or self._mask.shape[0] < self._block.shape[0]:
+            self._mask = np.empty_like(self._block)
+        mask = self._mask[0]
+        np.greater_equal(row, w, out=mask, casting="unsafe")
+        reaching = np.matmul(row[None, None, :], mask[None, :, None])[0, 0, 0]  # as `_inside` computes it
+        if float(reaching) - float(w) < need:
+            return True
+        ties = int(np.count_nonzero(row == w))
+        return ties > 1 and float(reaching) - float(w) * ties + float(w) * int(np.count_nonzero(row[:token] == w)) \
+            < need
+
+    def _inside(self, ks: np.ndarray, tokens: np.ndarray, needs: np.ndarray) -> np.ndarray:
+        """Whether each token is inside its row's nucleus: the mass of the row's exp ahead of it in decreasing order
+        (larger weights, then equal ones with a smaller id) is below `need`. Per row one compare and one float32
+        dot product over the vocabulary (consecutive rows in one call each); ties are counted only where the bound
+        that includes all of them does not already put the token inside."""
+        e = self._block
+        weights = e[ks, tokens]  # (m,)
+        reaching = np.empty(ks.size, dtype=np.float32)  # the token, its ties and everything larger
+        if self._mask is None or self._mask.shape[0] < self._block.shape[0]:
+            self._mask = np.empty_like(self._block)
+        for start, stop in _runs(ks.tolist()):
+            lo, hi = int(ks[start]), int(ks[stop - 1]) + 1
+            mask = self._mask[: hi - lo]
+            np.greater_equal(e[lo:hi], weights[start:stop, None], out=mask, casting="unsafe")
+            np.matmul(e[lo:hi, None, :], mask[:, :, None], out=reaching[start:stop, None, None])
+        ahead = reaching.astype(np.float64) - weights  # an upper bound of the mass ahead (ties after it included)
+        inside = ahead < needs
+        for j in np.flatnonzero(~inside).tolist():
+            row, w = e[ks[j]], weights[j]
+            ties = int(np.count_nonzero(row == w))
+            if ties > 1:
+                exact = float(reaching[j]) - float(w) * ties + float(w) * int(np.count_nonzero(row[: tokens[j]] == w))
+                inside[j] = exact < needs[j]
+        return inside
 
     def _passes(self, x: np.ndarray, maxed: list[int], exps: list[int], temperatures: list[float]) -> tuple:
         """The full-vocabulary passes of a step over several rows: the max of the rows `maxed` of x (penalised),
         and for the rows `exps` (with their temperatures) exp(x / T - offset) into self._block, as `_exp_row`
-        computes it for one row, its block cumsums and the offsets. Runs of consecutive rows take one call each;
-        with enough rows to exponentiate, the helper thread does the passes of half of them (a few long calls
-        that release the GIL)."""
-        vocab, blocks = x.shape[1], x.shape[1] // _BLOCK
+        computes it for one row, its block cumsums and the offsets. One numpy max per run of consecutive rows, one
+        exp kernel call (multiply, exp, block sums; the rows split over its threads) per run."""
+        vocab = x.shape[1]
         n = len(exps)
-        if n and (self._block is None or self._block.shape[0] < n):
+        if self._block is None or self._block.shape[0] < n:
             self._block = np.empty((max(n, 8), vocab), dtype=np.float32)  # (rows, vocab), grown rarely
-            self._sums = np.empty((max(n, 8), blocks), dtype=np.float32)  # (rows, blocks)
-        xmax = np.empty(len(maxed), dtype=np.float32)  # (rows,)
-        scales = [1.0 / t for t in temperatures]
-        column = np.array(scales, dtype=np.float32)[:, None]  # (n, 1)
-        e = self._block[:n] if n else None  # (n, vocab)
-
-        def work(m0: int, m1: int, k0: int, k1: int) -> None:
-            """The max of maxed[m0:m1], the exp and block sums of exps[k0:k1] (no offset)."""
-            for start, stop in _runs(maxed[m0:m1]):
-                np.max(x[maxed[m0 + start] : maxed[m0 + stop - 1] + 1], axis=1, out=xmax[m0 + start : m0 + stop])
-            for start, stop in _runs(exps[k0:k1]):
-                np.multiply(x[exps[k0 + start] : exps[k0 + stop - 1] + 1], column[k0 + start : k0 + stop],
-                            out=e[k0 + start : k0 + stop])
-            if k1 > k0:
-                with np.errstate(over="ignore"):  # a row that overflows is done again, shifted (below)
-                    np.exp(e[k0:k1], out=e[k0:k1])
-                    np.matmul(e[k0:k1, : blocks * _BLOCK].reshape(k1 - k0, blocks, _BLOCK), self._ones,
-                              out=self._sums[k0:k1])
-
-        half = _split(n, vocab)
-        if half:
-            middle = (len(maxed) + 1) // 2
-            helper = _helper().start(work, middle, len(maxed), half, n)
-            try:
-                work(0, middle, 0, half)
-            finally:
-                helper.wait()
+        if len(maxed) == 1:  # one row: fewer numpy calls
+            xmax = np.array([x[maxed[0]].max()], dtype=np.float32)
         else:
-            work(0, len(maxed), 0, n)
+            xmax = np.empty(len(maxed), dtype=np.float32)  # (rows,)
+            for start, stop in _runs(maxed):
+                np.max(x[maxed[start] : maxed[stop - 1] + 1], axis=1, out=xmax[start:stop])
         if not n:
             return xmax, None, None
         at = {row: j for j, row in enumerate(maxed)}
+        scales = [1.0 / t for t in temperatures]
         offsets = []  # as `_exp_row`: 0 unless exp could overflow or underflow, else xmax / T
-        for k, (row, scale) in enumerate(zip(exps, scales)):
+        for row, scale in zip(exps, scales):
             top = float(xmax[at[row]]) * scale
             offsets.append(0.0 if -60 < top < 60 else top)
-            if offsets[-1]:  # rare (logits beyond +-60 T): this row again, shifted
-                np.multiply(x[row], column[k, 0], out=e[k])
-                np.subtract(e[k], np.float32(top), out=e[k])
-                np.exp(e[k], out=e[k])
-                np.matmul(e[k, : blocks * _BLOCK].reshape(blocks, _BLOCK), self._ones, out=self._sums[k])
-        sums = np.empty((n, blocks + 1))  # (n, blocks + 1) float64
-        sums[:, :blocks] = self._sums[:n]
-        sums[:, blocks] = e[:, blocks * _BLOCK :].sum(axis=1)
-        return xmax, np.cumsum(sums, axis=1, out=sums), offsets
+        cumulative = np.empty((n, vocab // self._blk + 1))  # (n, blocks + 1) float64
+        for start, stop in _runs(exps):
+            self._exp_into(x[exps[start] : exps[stop - 1] + 1], scales[start:stop], offsets[start:stop],
+                           self._block, start, stop, cumulative[start:stop])
+        return xmax, cumulative, offsets
+
+    def _exp_into(self, x: np.ndarray, scales: list[float], offsets: list[float], buffer: np.ndarray, start: int,
+                  stop: int, cumulative: np.ndarray) -> None:
+        """buffer[start:stop] = exp(x * scale - offset) for the rows x (stop - start, vocab), and `cumulative`
+        (stop - start, blocks + 1) float64 = their block cumsums (the last entry the normaliser). The exp kernel
+        multiplies, exponentiates and sums the blocks in one call; rows with an offset (rare) are shifted here."""
+        kernel, blocks = self._exp_kernel(), x.shape[1] // self._blk
+        sums = None
+        if self._summed:
+            key = (id(buffer), start, stop)
+            if key not in self._sums_views:
+                self._sums_views[key] = np.empty((stop - start, blocks), dtype=np.float32)
+            sums = self._sums_views[key]
+        if not any(offsets) and x.dtype == np.float32 and x.flags.c_contiguous:
+            kernel.scaled(x, scales[0] if len(scales) == 1 else scales, buffer, start, stop, sums)
+        else:
+            e = buffer[start:stop]
+            np.multiply(x, np.array(scales, dtype=np.float32)[:, None], out=e)
+            for k, offset in enumerate(offsets):
+                if offset:
+                    np.subtract(e[k], np.float32(offset), out=e[k])
+            kernel.in_place(buffer, start, stop, sums)
+        if sums is not None:
+            cumulative[:, :blocks] = sums
+            cumulative[:, blocks] = 0.0
+        else:  # blocks of _BLOCK and a short last one
+            e = buffer[start:stop]
+            cumulative[:, :blocks] = np.matmul(e[:, : blocks * self._blk].reshape(stop - start, blocks, self._blk),
+                                               self._ones)
+            cumulative[:, blocks] = e[:, blocks * self._blk :].sum(axis=1)
+        cumulative.cumsum(axis=1, out=cumulative)
+
+    def _exp_kernel(self) -> ExpKernel:
+        """The exp kernel's session, made on first use (greedy decoding never needs it)."""
+        if self._kernel is None:
+            self._kernel = ExpKernel(self.vocab_size, self.threads)
+        return self._kernel
 
     def _candidates(self, x: np.ndarray, n: int) -> np.ndarray:
         """`_candidates(x, n)`, kept for the logprobs of the same row (see `_logprob`)."""
@@ -670,12 +754,13 @@ class Sampler:
         return self._found[1]
 
     def _draw(self, x: np.ndarray, params: SamplingParams, xmax: float, rng: np.random.Generator) -> int:
-        """One draw for x (vocab,) penalised, temperature > 0."""
+        """One draw for x (vocab,) penalised, temperature > 0, by a filter that needs its own candidates (top-k,
+        min-p, a small top-p); the draws over the whole distribution are `_draw_whole`'s."""
         u = rng.random()
         if params.top_p < 1.0 and not 0 < params.top_k < x.size and params.min_p == 0:
             return self._draw_top_p(x, params, xmax, u, rng)
         kept, weights = self._distribution(x, params, xmax)
-        return self._draw_full(weights, u) if kept is None else int(kept[_draw(weights, u)])
+        return int(kept[_draw(weights, u)])
 
     def _distribution(self, x: np.ndarray, params: SamplingParams, xmax: float) -> tuple:
         """What a draw needs for x (vocab,) penalised, temperature > 0: (kept ids in increasing order, their
@@ -715,13 +800,10 @@ class Sampler:
 
     def _draw_top_p(self, x: np.ndarray, params: SamplingParams, xmax: float, u: float,
                     rng: np.random.Generator) -> int:
-        """A draw from the nucleus of x (vocab,) penalised, top-p alone. A peaked distribution: the nucleus is among
-        the ~_TOP_P_FIRST most likely tokens, cut and drawn from as `_distribution` does. A flat one (the nucleus
-        holds thousands of tokens): rejection, exact and without finding the nucleus: draw from the whole
-        temperature distribution and keep the token if it is inside the nucleus, i.e. the mass of the tokens before
-        it (larger, or equal with a smaller id) is below top_p of the total; else draw again. The nucleus holds at
-        least top_p of the mass, so that takes fewer than 1 / top_p draws on average, each one pass over the
-        vocabulary (a float32 dot product)."""
+        """A draw from the nucleus of x (vocab,) penalised, top-p alone, with top_p below _REJECT_FROM (the rest are
+        drawn by `_draw_whole`): first the ~_TOP_P_FIRST most likely tokens, cut and drawn from as `_distribution`
+        does (a peaked distribution's nucleus is among them, which saves the many rejections a small top_p would
+        take); if they hold less than the nucleus's mass, rejection as `_draw_whole` draws, starting from u."""
         cumulative = self._exp_row(x, xmax, params.temperature)
         need = params.top_p * float(cumulative[-1])
         kept = self._candidates(x, _TOP_P_FIRST)
@@ -729,25 +811,7 @@ class Sampler:
         if weights.sum() >= need:
             kept, weights = _nucleus(kept, weights, need)  # in id order, as `_distribution` draws
             return int(kept[_draw(weights, u)])
-        while True:
-            token = self._draw_full(cumulative, u)
-            if self._mass_before(token, need) < need:
-                return token
-            u = rng.random()
-
-    def _mass_before(self, token: int, need: float) -> float:
-        """The mass of self._exp ahead of `token` in decreasing order (larger weights, then equal ones with a smaller
-        id): one float32 dot product with a 0/1 mask; ties are counted only when the bound that includes all of
-        them does not already put the token inside the nucleus (below `need`)."""
-        e, w = self._exp, self._exp[token]
-        if self._mask is None:
-            self._mask = np.empty(self.vocab_size, dtype=np.float32)
-        np.greater_equal(e, w, out=self._mask, casting="unsafe")
-        reaching = float(np.dot(e, self._mask))  # the token, its ties and everything larger
-        if reaching - float(w) < need:  # an upper bound of the mass ahead (ties after the token included): inside
-            return reaching - float(w)
-        ties = int(np.count_nonzero(e == w))
-        return reaching - float(w) * ties + float(w) * int(np.count_nonzero(e[:token] == w))
+        return int(self._draw_whole([self._row], [params.top_p], [rng], self._block_cumulative, first=[u])[0])
 
     def _reaching(self, x: np.ndarray, need: float) -> tuple[np.ndarray, np.ndarray]:
         """Candidates for a nucleus: ids (and weights from self._exp) holding every token above some weight and a
@@ -777,35 +841,14 @@ class Sampler:
         or underflow, else xmax / temperature); returns its block cumsums (float64), the last the normaliser."""
         if self._ready == temperature:  # computed with the other rows of the step
             return self._cumulative
-        e, scale = self._exp, 1.0 / temperature
+        scale = 1.0 / temperature
         self._offset = 0.0 if -60 < xmax * scale < 60 else xmax * scale  # e <= e**60: no overflow in the sums
-        if temperature != 1.0:
-            np.multiply(x, np.float32(scale), out=e)
-            if self._offset:
-                np.subtract(e, np.float32(self._offset), out=e)
-        else:
-            np.subtract(x, np.float32(self._offset), out=e)
-        np.exp(e, out=e)
-        blocks = x.size // _BLOCK
-        sums = np.empty(blocks + 1)
-        sums[:blocks] = np.matmul(e[: blocks * _BLOCK].reshape(blocks, _BLOCK), self._ones, out=self._block_sums)
-        sums[blocks] = e[blocks * _BLOCK :].sum()
-        self._cumulative = np.cumsum(sums, out=sums)
+        buffer, row = self._exp_at
+        cumulative = np.empty((1, x.size // self._blk + 1))
+        self._exp_into(x[None], [scale], [self._offset], buffer, row, row + 1, cumulative)
+        self._cumulative = cumulative[0]
         self._ready = temperature
         return self._cumulative
-
-    def _draw_full(self, cumulative: np.ndarray, u: float) -> int:
-        """Inverse CDF over self._exp: find the block from the block cumsums, then the id inside it."""
-        target = u * cumulative[-1]
-        block = min(int(np.searchsorted(cumulative, target, side="right")), cumulative.size - 1)
-        while block > 0 and cumulative[block] == cumulative[block - 1]:  # an empty block (rounding at the end)
-            block -= 1
-        segment = self._exp[block * _BLOCK : (block + 1) * _BLOCK]
-        inside = np.cumsum(segment, dtype=np.float64)
-        at = int(np.searchsorted(inside, target - (cumulative[block - 1] if block else 0.0), side="right"))
-        if at >= segment.size:  # rounding past the block's end: its last likely token
-            at = int(np.flatnonzero(segment)[-1])
-        return block * _BLOCK + at
 
     def _logprob(self, x: np.ndarray, params: SamplingParams, token: int, xmax: float | None) -> TokenLogprob:
         """log-softmax(x / T) at the token and the params.logprobs largest (T = 1 when greedy at temperature 0),

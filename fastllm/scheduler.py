@@ -458,7 +458,7 @@ class Scheduler(Loop):
         manifest, layout = self.manifest, self.layout
         self.kv = SlotBuffers(self.session, layout)
         self.slots = [Slot(i) for i in range(layout.slots)]
-        self.sampler = Sampler(manifest.vocab_size)
+        self.sampler = Sampler(manifest.vocab_size, threads=self.session.threads)
         self.decode_binding = self.session.ort.io_binding()
         self.prefill_binding = self.session.ort.io_binding()
         self._decode_bound: tuple[int, int] | None = None  # slots [lo, hi) the decode binding's views cover
@@ -670,7 +670,7 @@ class SerialScheduler(Loop):
         return [self._current] if self._current is not None else []
 
     def _start(self) -> None:
-        self.sampler = Sampler(self.manifest.vocab_size)
+        self.sampler = Sampler(self.manifest.vocab_size, threads=self.session.threads)
 
     def _has_work(self) -> bool:
         return bool(self._waiting)

@@ -153,6 +153,7 @@ class Session:
     def __init__(self, directory: Path, manifest: Manifest, *, device: Device, threads: int | None):
         self.manifest = manifest
         self.device = device
+        self.threads = threads or os.cpu_count() or 1  # intra-op threads (None: ORT takes every core)
         self.ort = open_session(directory, manifest, device=device, threads=threads)
         self.input_names = {t.name for t in manifest.graph.inputs}
 
