@@ -36,12 +36,15 @@ class Engine:
     of the memory available at start, at most 16 slots. Up to `max_queue` further requests wait (FIFO) for a slot;
     past that, submit() raises QueueFullError at once (generate/stream/steps/tokens never do: they wait).
     `prefill_chunk` prompt positions are prefilled per loop step; `prefix_cache` keeps finished prompts' KV in their
-    slots for reuse. The KV buffer is allocated once, when the first request arrives.
+    slots for reuse. The KV buffer is allocated once, when the first request arrives. `speculative` turns on
+    prompt-lookup speculative decoding while one request runs alone (fastllm.speculative): the same tokens as
+    plain decoding, greedy or sampled, several per step where the text repeats what it has seen.
     """
 
     def __init__(self, directory: Path, manifest: Manifest, session: Session, tokenizer: Tokenizer | None, *,
                  slots: int | None = None, context: int | None = None, kv_memory: int | None = None,
-                 max_queue: int | None = MAX_QUEUE, prefill_chunk: int | None = None, prefix_cache: bool = True):
+                 max_queue: int | None = MAX_QUEUE, prefill_chunk: int | None = None, prefix_cache: bool = True,
+                 speculative: bool = False):
         self.directory = directory
         self.manifest = manifest
         self.session = session
@@ -50,11 +53,17 @@ class Engine:
             raise InvalidParameterError(f"max_queue must be an integer >= 0 or None (no bound), got {max_queue!r}")
         if not isinstance(prefix_cache, bool):
             raise InvalidParameterError(f"prefix_cache must be True or False, got {prefix_cache!r}")
+        if not isinstance(speculative, bool):
+            raise InvalidParameterError(f"speculative must be True or False, got {speculative!r}")
+        if speculative and manifest.graph.kind != "fused":
+            raise InvalidParameterError("speculative decoding needs the fused graph (one shared KV buffer); this "
+                                        f"model was exported with graph={manifest.graph.kind!r}: re-export it with "
+                                        "--graph fused, or load it with speculative=False")
         if manifest.graph.kind == "fused":
             self.layout = Layout(manifest, session.device, slots=slots, context=context, kv_memory=kv_memory,
                                  prefill_chunk=prefill_chunk)
             self._scheduler = Scheduler(session, manifest, tokenizer, self.layout, max_queue=max_queue,
-                                        prefix_cache=prefix_cache)
+                                        prefix_cache=prefix_cache, speculative=speculative)
         else:  # the concatenating graph cannot share one buffer between rows: one request at a time
             self.layout = None
             self._scheduler = SerialScheduler(session, manifest, tokenizer, max_queue=max_queue)
@@ -357,7 +366,7 @@ def _check_text(text: str, name: str) -> None:
 
 def load(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None, slots: int | None = None,
          context: int | None = None, kv_memory: int | None = None, max_queue: int | None = MAX_QUEUE,
-         prefill_chunk: int | None = None, prefix_cache: bool = True) -> Engine:
+         prefill_chunk: int | None = None, prefix_cache: bool = True, speculative: bool = False) -> Engine:
     """Open a model directory written by `fastllm export`. The serving options are Engine's (see its docstring)."""
     directory = Path(path)
     where = Device.parse(device)
@@ -370,4 +379,5 @@ def load(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = 
             raise ModelLoadError(f"{tok_path} is missing; the model directory is incomplete, re-export it")
         tokenizer = Tokenizer(tok_path)
     return Engine(directory, manifest, session, tokenizer, slots=slots, context=context, kv_memory=kv_memory,
-                  max_queue=max_queue, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)
+                  max_queue=max_queue, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache,
+                  speculative=speculative)

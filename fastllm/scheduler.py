@@ -41,6 +41,7 @@ import numpy as np
 from fastllm.errors import FastLLMError, InvalidParameterError, QueueFullError
 from fastllm.sampler import Sampler
 from fastllm.sequence import Sequence, Step, completion
+from fastllm.speculative import DRAFT_MAX, PromptLookup
 from fastllm.session import ort  # through fastllm.session: its import says how to install ONNX Runtime
 
 if TYPE_CHECKING:
@@ -57,8 +58,11 @@ KV_SHARE = 0.25  # default KV budget: this share of the memory available at star
 _KEEP_ONE = np.array(1, dtype=np.int64)
 # cumulative counters in stats(); decode_rows / decode_steps is the mean batch of the decode steps, decode_rows_run
 # the rows those steps ran (the span of the running slots, idle slots inside it included)
+# speculative_steps / drafted_tokens / accepted_tokens: the verify steps of speculative decoding, the tokens they
+# drafted and the drafted tokens kept
 COUNTERS = ("prefix_cache_hits", "prefix_cached_tokens", "requests_finished", "prompt_tokens", "generated_tokens",
-            "decode_steps", "decode_rows", "decode_rows_run")
+            "decode_steps", "decode_rows", "decode_rows_run", "speculative_steps", "drafted_tokens",
+            "accepted_tokens")
 
 
 def available_memory() -> int | None:
@@ -165,6 +169,7 @@ class Request:
         self._error: BaseException | None = None
         self._completion = None
         self.internal = internal  # submitted by generate()/stream(): not counted against the queue bound
+        self.drafter: PromptLookup | None = None  # its prompt-lookup drafts, when the engine speculates
 
     # -- consumer side ------------------------------------------------------------------------------------------
     @property
@@ -403,6 +408,8 @@ class Loop:
         seq = request.sequence
         first = not seq.token_ids
         seq.append(token, logprob)
+        if request.drafter is not None:
+            request.drafter.add(token)
         now = time.perf_counter()
         request.first = request.first or now
         request.last = now
@@ -431,9 +438,10 @@ class Scheduler(Loop):
     """Continuous batching over slots of one shared KV buffer (see the module docstring)."""
 
     def __init__(self, session: Session, manifest: Manifest, tokenizer, layout: Layout, *, max_queue: int | None,
-                 prefix_cache: bool):
+                 prefix_cache: bool, speculative: bool = False):
         super().__init__(session, manifest, tokenizer, max_queue=max_queue)
         self.layout = layout
+        self.speculative = speculative  # prompt-lookup drafts verified in one step while one request runs alone
         self.slot_count = layout.slots
         self.prefix_cache = prefix_cache
         self.chunk = layout.chunk
@@ -466,6 +474,10 @@ class Scheduler(Loop):
         n, vocab = layout.slots, manifest.vocab_size
         self.logits = np.zeros((n, 1, vocab), dtype=np.float32)  # (slots, 1, vocab): decode step logits
         self.prefill_logits = np.zeros((1, 1, vocab), dtype=np.float32)
+        if self.speculative:
+            self.spec_binding = self.session.ort.io_binding()
+            self._spec_bound = -1  # slot the speculative binding's KV views cover
+            self.spec_logits = np.zeros((1, DRAFT_MAX + 1, vocab), dtype=np.float32)  # a verify step's positions
         self.next_ids = np.zeros((n, 1), dtype=np.int64)  # per slot: the token the next decode step adds
         self.positions = np.zeros((n, 1), dtype=np.int64)  # ... at this position
         self.seqlens = np.zeros(n, dtype=np.int32)  # ... = the position (seqlens_k: total length - 1)
@@ -487,7 +499,10 @@ class Scheduler(Loop):
         self._reap_cancelled()
         self._admit()
         if self._running:
-            self._decode_step()
+            if self.speculative and len(self._running) == 1 and not self._prefilling:
+                self._speculate_step()
+            else:
+                self._decode_step()
         if self._prefilling:
             self._prefill_step()
         return True
@@ -579,6 +594,53 @@ class Scheduler(Loop):
         for index, token, logprob in zip(rows, ids.tolist(), logprobs):
             self._advance(self._running[index], token, logprob)
 
+    def _speculate_step(self) -> None:
+        """The one running request's step with speculation (fastllm.speculative): its last token and a prompt-lookup
+        draft of k tokens in one step of k + 1 positions on its slot, then the sampler at each position in turn,
+        exactly as k + 1 plain steps would draw, for as long as the drawn token is the draft's. Without a draft, a
+        plain decode step."""
+        ((index, request),) = self._running.items()
+        slot, seq = request.slot, request.sequence
+        length = slot.length
+        limit = min(seq.params.max_new_tokens - len(seq.token_ids) - 1, self.layout.context - length - 1)
+        drafts = request.drafter.draft(limit) if request.drafter is not None else []
+        if not drafts:
+            self._decode_step()
+            return
+        k = len(drafts)
+        binding = self.spec_binding
+        if self._spec_bound != index:
+            self.kv.bind(binding, index, 1)
+            self._spec_bound = index
+        logits = self.spec_logits[:, : k + 1]  # (1, k + 1, vocab), contiguous
+        binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        self._run(binding, {"input_ids": np.array([[int(self.next_ids[index, 0]), *drafts]], dtype=np.int64),
+                            "position_ids": np.arange(length, length + k + 1, dtype=np.int64)[None],
+                            "seqlens_k": np.array([length + k], dtype=np.int32),
+                            "total_sequence_length": np.array(length + k + 1, dtype=np.int32)},
+                  keep=np.array(k + 1, dtype=np.int64))
+        self.counters["speculative_steps"] += 1
+        self.counters["drafted_tokens"] += k
+        kept = 0
+        for j in range(k + 1):
+            slot.length = length + j + 1  # positions [0, length + j] now hold this request's tokens
+            (token,), (logprob,) = self.sampler.sample(logits[:, j], [seq.params], [seq.rng], [seq.history])
+            token = int(token)
+            if self._emit(request, token, logprob):
+                request.drafter.update(k, kept)
+                self.counters["accepted_tokens"] += kept
+                self._release(request)
+                self._finish(request, None)
+                return
+            if j == k or token != drafts[j]:
+                break
+            kept += 1
+        request.drafter.update(k, kept)
+        self.counters["accepted_tokens"] += kept
+        self.next_ids[index, 0] = token  # not yet in the slot: the next step's first position
+        self.positions[index, 0] = slot.length
+        self.seqlens[index] = slot.length
+
     def _prefill_step(self) -> None:
         request = self._prefilling[0]
         slot, ids = request.slot, request.prompt_ids
@@ -603,17 +665,19 @@ class Scheduler(Loop):
         seq, i = request.sequence, slot.index
         self.rngs[i], self.histories[i], self.params[i] = seq.rng, seq.history, seq.params
         self._running[i] = request
+        if self.speculative:
+            request.drafter = PromptLookup(ids, len(ids) + seq.params.max_new_tokens)
         (token,), (logprob,) = self.sampler.sample(self.prefill_logits[:, 0], [seq.params], [seq.rng],
                                                    [seq.history])
         self._advance(request, int(token), logprob)
 
-    def _run(self, binding: ort.IOBinding, feeds: dict[str, np.ndarray]) -> None:
+    def _run(self, binding: ort.IOBinding, feeds: dict[str, np.ndarray], keep: np.ndarray = _KEEP_ONE) -> None:
         names = self.session.input_names
         for name, array in feeds.items():
             if name in names:  # graphs drop inputs they do not use (e.g. position_ids with rotary inside)
                 binding.bind_cpu_input(name, array)
         if "logits_to_keep" in names:
-            binding.bind_cpu_input("logits_to_keep", _KEEP_ONE)
+            binding.bind_cpu_input("logits_to_keep", keep)
         self.session.ort.run_with_iobinding(binding)
 
     def _advance(self, request: Request, token: int, logprob) -> None:
@@ -644,7 +708,7 @@ class Scheduler(Loop):
 
     def _fail_all(self, error: BaseException) -> None:
         super()._fail_all(error)
-        self._decode_bound, self._prefill_bound = None, -1
+        self._decode_bound, self._prefill_bound, self._spec_bound = None, -1, -1
 
 
 class SerialScheduler(Loop):
