@@ -56,6 +56,9 @@ def add_generate(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="onnxruntime intra-op threads (default: onnxruntime's choice)")
+    p.add_argument("--speculative", action="store_true",
+                   help="speculative decoding with prompt-lookup drafts: the same tokens, several per step where "
+                        "the text repeats the prompt or itself (fused graph; default: off)")
     p.set_defaults(func=run_generate)
 
 
@@ -94,7 +97,7 @@ def run_generate(args) -> int:
         overrides["stop_token_ids"] = tuple(args.stop_token_id)
     fastllm.SamplingParams.from_mapping(overrides)
     model = model or default_model()
-    engine = fastllm.load(model, device=args.device, threads=args.threads)
+    engine = fastllm.load(model, device=args.device, threads=args.threads, speculative=args.speculative)
     if isinstance(prompt, str) and engine.tokenizer is None:
         raise InvalidPromptError(f"{model} has no tokenizer; pass the prompt as token ids with --ids 1,2,3")
     (ids,), _ = engine.prompt_ids(prompt)

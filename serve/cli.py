@@ -41,6 +41,9 @@ def register(subparsers) -> None:
                    help="positions per slot, prompt + output (default: the model's context)")
     p.add_argument("--kv-memory", type=byte_size, default=None, metavar="BYTES",
                    help="bytes for the KV buffer, e.g. 2G; sizes the slot count instead of --slots")
+    p.add_argument("--speculative", action="store_true",
+                   help="speculative decoding with prompt-lookup drafts while one request runs alone: the same "
+                        "tokens, several per step where the text repeats itself (default: off)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="requests that may wait for a slot; past that, 503 + Retry-After (default: 256)")
     p.add_argument("--api-key", default=os.environ.get("FASTLLM_API_KEY"), metavar="KEY",
@@ -97,7 +100,7 @@ def run(args) -> int:
     model = args.model or default_model()
     Manifest.read(model)  # a wrong directory fails here, before the server starts
     options = {"device": args.device, "threads": args.threads, "slots": args.slots, "context": args.context,
-               "kv_memory": args.kv_memory, "max_queue": args.max_queue}
+               "kv_memory": args.kv_memory, "max_queue": args.max_queue, "speculative": args.speculative or None}
     server = Server(model, served_model_name=args.served_model_name, api_key=args.api_key,
                     chat_template=args.chat_template,
                     load_options={k: v for k, v in options.items() if v is not None or k == "max_queue"})

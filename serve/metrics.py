@@ -27,6 +27,9 @@ COUNTERS = {
     "requests_finished": ("fastllm_requests_finished", "Requests finished (stopped, at length or cancelled)"),
     "prefix_cache_hits": ("fastllm_prefix_cache_hits", "Requests whose prompt start was found in the prefix cache"),
     "prefix_cached_tokens": ("fastllm_prefix_cached_tokens", "Prompt tokens taken from the prefix cache"),
+    "speculative_steps": ("fastllm_speculative_steps", "Verify steps of speculative decoding (--speculative)"),
+    "drafted_tokens": ("fastllm_drafted_tokens", "Tokens drafted by prompt lookup and verified"),
+    "accepted_tokens": ("fastllm_accepted_tokens", "Drafted tokens kept (each saved one decode step)"),
 }
 
 

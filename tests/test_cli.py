@@ -90,6 +90,11 @@ def test_python_dash_m_fastllm_generates_like_the_api(model, engine):
     assert (result.returncode, result.stdout.decode()) == (0, expected + "\n")
 
 
+def test_speculative_generates_the_same_text(capsys, model):
+    args = ("generate", model, "Return the value. Return the", "--max-new-tokens", "24", "--ignore-eos")
+    assert cli(capsys, *args, "--speculative")[:2] == cli(capsys, *args)[:2]
+
+
 # -- prompt sources ---------------------------------------------------------------------------------------------------
 def test_ids_give_the_same_text_as_the_prompt(capsys, model, engine):
     ids = engine.encode("Return the")

@@ -10,6 +10,7 @@ import json
 import shutil
 import time
 
+import numpy as np
 import openai
 import pytest
 from tokenizers import Tokenizer
@@ -360,6 +361,23 @@ def test_fuzzed_bodies_get_only_4xx_and_the_server_still_answers(server, client)
     assert all(0 < status < 500 for status in result["random"]), result
     after = client.completions.create(model=NAME, prompt="x = ", max_tokens=6, temperature=0).choices[0].text
     assert after == before and server.proc.poll() is None
+
+
+def test_a_speculating_server_streams_the_engines_tokens(model_dir, engine):
+    block = np.random.default_rng(0).integers(3, engine.manifest.vocab_size, size=12).tolist()
+    prompt = block * 3 + block[:5]  # repeats itself, and the bias makes the tiny model repeat too: drafts are kept
+    bias = {str(t): 6 for t in block[:2]}
+    expect = engine.generate(prompt, params(engine, max_new_tokens=32, temperature=0, ignore_eos=True,
+                                            logit_bias={t: 6 for t in block[:2]}))
+    with ServerProcess(model_dir, "--threads", "1", "--slots", "1", "--speculative",
+                       "--served-model-name", NAME) as s:
+        spec = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        chunks = spec.completions.create(model=NAME, prompt=prompt, max_tokens=32, temperature=0, logit_bias=bias,
+                                         stream=True, extra_body=EXACT)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == expect.text
+        metrics = s.metrics()
+    assert metrics["fastllm_accepted_tokens_total"] > 0
+    assert metrics["fastllm_speculative_steps_total"] <= metrics["fastllm_drafted_tokens_total"]
 
 
 # -- disconnect and metrics ---------------------------------------------------------------------------------------
