@@ -376,11 +376,25 @@ def _needs_exp(params: SamplingParams, vocab: int) -> bool:
     return params.top_p < 1.0 or params.min_p == 0  # top-p, or plain temperature; min-p alone needs no normaliser
 
 
+def _offset(top: float) -> float:
+    """What exp(logits / T - offset) subtracts, given the row's largest logits / T: 0 unless exp could overflow or
+    underflow (beyond +-60: e**60 keeps the block sums finite), else that largest value."""
+    return 0.0 if -60 < top < 60 else top
+
+
 def _draws_whole(params: SamplingParams, vocab: int) -> bool:
     """Whether a sampled row draws from its whole temperature distribution (`Sampler._draw_whole`): plain
     temperature, or top-p alone by rejection; top-k, min-p and a small top-p find candidates first."""
     return not 0 < params.top_k < vocab and params.min_p == 0 and (params.top_p == 1.0 or
                                                                     params.top_p >= _REJECT_FROM)
+
+
+def _inside_with_ties(row: np.ndarray, token: int, reaching: float, need: float) -> bool:
+    """Whether `token` is inside the nucleus once its ties are counted exactly: of the weights equal to its own,
+    only those with a smaller id are ahead of it. `reaching`: the mass of the weights >= its own."""
+    w = float(row[token])
+    ties = int(np.count_nonzero(row == row[token]))
+    return ties > 1 and reaching - w * ties + w * int(np.count_nonzero(row[:token] == row[token])) < need
 
 
 def _runs(rows: Sequence[int]):
@@ -584,7 +598,7 @@ class Sampler:
         scale = 1.0 / params.temperature
         top = float(x.max()) * scale
         cumulative = np.empty((1, x.shape[1] // self._blk + 1))
-        self._exp_into(x, [scale], [0.0 if -60 < top < 60 else top], self._block, 0, 1, cumulative)
+        self._exp_into(x, [scale], [_offset(top)], self._block, 0, 1, cumulative)
         return self._draw_whole([0], [params.top_p], [rng], cumulative)
 
     def _draw_whole(self, ks: list[int], top_p: list[float], rngs: list[np.random.Generator],
@@ -651,11 +665,7 @@ class Sampler:
         mask = self._mask[0]
         np.greater_equal(row, w, out=mask, casting="unsafe")
         reaching = np.matmul(row[None, None, :], mask[None, :, None])[0, 0, 0]  # as `_inside` computes it
-        if float(reaching) - float(w) < need:
-            return True
-        ties = int(np.count_nonzero(row == w))
-        return ties > 1 and float(reaching) - float(w) * ties + float(w) * int(np.count_nonzero(row[:token] == w)) \
-            < need
+        return float(reaching) - float(w) < need or _inside_with_ties(row, token, float(reaching), need)
 
     def _inside(self, ks: np.ndarray, tokens: np.ndarray, needs: np.ndarray) -> np.ndarray:
         """Whether each token is inside its row's nucleus: the mass of the row's exp ahead of it in decreasing order
@@ -675,11 +685,7 @@ class Sampler:
         ahead = reaching.astype(np.float64) - weights  # an upper bound of the mass ahead (ties after it included)
         inside = ahead < needs
         for j in np.flatnonzero(~inside).tolist():
-            row, w = e[ks[j]], weights[j]
-            ties = int(np.count_nonzero(row == w))
-            if ties > 1:
-                exact = float(reaching[j]) - float(w) * ties + float(w) * int(np.count_nonzero(row[: tokens[j]] == w))
-                inside[j] = exact < needs[j]
+            inside[j] = _inside_with_ties(e[ks[j]], int(tokens[j]), float(reaching[j]), needs[j])
         return inside
 
     def _passes(self, x: np.ndarray, maxed: list[int], exps: list[int], temperatures: list[float]) -> tuple:
@@ -701,10 +707,7 @@ class Sampler:
             return xmax, None, None
         at = {row: j for j, row in enumerate(maxed)}
         scales = [1.0 / t for t in temperatures]
-        offsets = []  # as `_exp_row`: 0 unless exp could overflow or underflow, else xmax / T
-        for row, scale in zip(exps, scales):
-            top = float(xmax[at[row]]) * scale
-            offsets.append(0.0 if -60 < top < 60 else top)
+        offsets = [_offset(float(xmax[at[row]]) * scale) for row, scale in zip(exps, scales)]
         cumulative = np.empty((n, vocab // self._blk + 1))  # (n, blocks + 1) float64
         for start, stop in _runs(exps):
             self._exp_into(x[exps[start] : exps[stop - 1] + 1], scales[start:stop], offsets[start:stop],
@@ -842,7 +845,7 @@ class Sampler:
         if self._ready == temperature:  # computed with the other rows of the step
             return self._cumulative
         scale = 1.0 / temperature
-        self._offset = 0.0 if -60 < xmax * scale < 60 else xmax * scale  # e <= e**60: no overflow in the sums
+        self._offset = _offset(xmax * scale)
         buffer, row = self._exp_at
         cumulative = np.empty((1, x.size // self._blk + 1))
         self._exp_into(x[None], [scale], [self._offset], buffer, row, row + 1, cumulative)

@@ -625,21 +625,12 @@ class Scheduler(Loop):
         for j in range(k + 1):
             slot.length = length + j + 1  # positions [0, length + j] now hold this request's tokens
             (token,), (logprob,) = self.sampler.sample(logits[:, j], [seq.params], [seq.rng], [seq.history])
-            token = int(token)
-            if self._emit(request, token, logprob):
-                request.drafter.update(k, kept)
-                self.counters["accepted_tokens"] += kept
-                self._release(request)
-                self._finish(request, None)
-                return
-            if j == k or token != drafts[j]:
+            self._advance(request, int(token), logprob)  # ends the request, or makes it the next step's input
+            if request.done or j == k or token != drafts[j]:
                 break
             kept += 1
         request.drafter.update(k, kept)
         self.counters["accepted_tokens"] += kept
-        self.next_ids[index, 0] = token  # not yet in the slot: the next step's first position
-        self.positions[index, 0] = slot.length
-        self.seqlens[index] = slot.length
 
     def _prefill_step(self) -> None:
         request = self._prefilling[0]
