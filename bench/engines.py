@@ -4,6 +4,10 @@
     torch-fp32, torch-bf16   transformers `generate` (eager PyTorch, its KV cache), on the shape's HF directory
     fastllm                  fastllm.load + Engine.tokens, on each fastllm model directory (label from its manifest)
     optimum, genai           optional peers, run only when installed: Optimum ORTModelForCausalLM, onnxruntime-genai
+    llamacpp                 optional peer (llama-cpp-python and gguf installed): llama.cpp on a GGUF file converted
+                             from the shape's HF directory (bench.gguf_export), one file type per --precisions entry
+                             (fp32 -> f32, int8 -> q8_0, int4 -> q4_0), flash attention on, batch 1; its own C
+                             samplers draw the tokens
 
 Adapters import their libraries inside, so a worker loads nothing but what its engine needs (no torch in a fastllm
 worker, which would inflate its memory figure).
@@ -25,7 +29,7 @@ import numpy as np
 from fastllm.bench.errors import BenchError
 from fastllm.bench.workload import Sampling
 
-ENGINE_NAMES = ("torch-fp32", "torch-bf16", "fastllm", "optimum", "genai")
+ENGINE_NAMES = ("torch-fp32", "torch-bf16", "fastllm", "optimum", "genai", "llamacpp")
 REFERENCE = "torch-fp32"  # ratios in the report are against this engine
 
 
@@ -37,6 +41,7 @@ class EngineSpec:
     precision: str
     model_path: str  # what the worker loads
     skipped: str | None = None  # why this engine does not run here
+    max_batch: int | None = None  # larger batches are left out for this engine (with a note)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,8 +81,10 @@ def _installed(module: str) -> bool:
         return False
 
 
-def resolve(names: tuple[str, ...], *, hf_dir: Path, fastllm_dirs: list[Path], peer_root: Path) -> list[EngineSpec]:
-    """EngineSpecs for the engine names, in order; fastllm gives one per model directory."""
+def resolve(names: tuple[str, ...], *, hf_dir: Path, fastllm_dirs: list[Path], peer_root: Path,
+            precisions: tuple[str, ...] = ("fp32",)) -> list[EngineSpec]:
+    """EngineSpecs for the engine names, in order; fastllm gives one per model directory, llamacpp one per file type
+    that --precisions asks for."""
     specs: list[EngineSpec] = []
     for name in names:
         if name in ("torch-fp32", "torch-bf16"):
@@ -95,6 +102,17 @@ def resolve(names: tuple[str, ...], *, hf_dir: Path, fastllm_dirs: list[Path], p
                 "onnxruntime-genai is not installed (pip install onnxruntime-genai)"
             specs.append(EngineSpec(name, "genai", "onnxruntime-genai fp32", "fp32", str(peer_root / "genai"),
                                     skipped=missing))
+        elif name == "llamacpp":
+            from fastllm.bench.gguf_export import FILE_TYPES
+
+            absent = [pkg for module, pkg in (("llama_cpp", "llama-cpp-python"), ("gguf", "gguf"))
+                      if not _installed(module)]
+            why = (f"{' and '.join(absent)} not installed (CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python "
+                   "gguf)") if absent else None
+            for file_type in dict.fromkeys(FILE_TYPES[p] for p in precisions if p in FILE_TYPES):
+                specs.append(EngineSpec(name, "llamacpp", f"llama.cpp {file_type} flash-attn", file_type,
+                                        str(peer_root / "llamacpp" / f"model-{file_type}.gguf"), skipped=why,
+                                        max_batch=1))
         else:
             raise BenchError(f"unknown engine {name!r}; --engines takes a comma-separated list of {ENGINE_NAMES}")
     return _unique_labels(specs)
@@ -112,7 +130,7 @@ def _unique_labels(specs: list[EngineSpec]) -> list[EngineSpec]:
 
 
 # -- preparing peers' model files (in the parent, before any timing) --------------------------------------------
-def prepare(spec: EngineSpec, hf_dir: Path, progress: Callable[[str], None]) -> None:
+def prepare(spec: EngineSpec, hf_dir: Path, progress: Callable[[str], None], *, max_context: int = 2048) -> None:
     out = Path(spec.model_path)
     if spec.kind == "optimum" and not any(out.glob("*.onnx")):
         from optimum.onnxruntime import ORTModelForCausalLM
@@ -127,6 +145,10 @@ def prepare(spec: EngineSpec, hf_dir: Path, progress: Callable[[str], None]) -> 
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             raise BenchError(f"the onnxruntime-genai builder failed on {hf_dir}: {tail[0]}")
+    elif spec.kind == "llamacpp":
+        from fastllm.bench.gguf_export import prepare_gguf
+
+        prepare_gguf(hf_dir, out, spec.precision, max_context=max_context, progress=progress)
 
 
 # -- adapters (run inside the worker process) -------------------------------------------------------------------
@@ -210,7 +232,8 @@ class FastLLMRunner:
         import fastllm
 
         self.fastllm = fastllm
-        self.engine = fastllm.load(spec.model_path, threads=threads)
+        # no prefix cache: every run sends the same prompt, and a cached one would skip its prefill (TTFT)
+        self.engine = fastllm.load(spec.model_path, threads=threads, prefix_cache=False)
 
     def details(self) -> dict:
         m = self.engine.manifest
@@ -264,4 +287,67 @@ class GenaiRunner:
         return Timing(start, stamps, first_row)
 
 
-RUNNERS = {"torch": TorchRunner, "fastllm": FastLLMRunner, "optimum": OptimumRunner, "genai": GenaiRunner}
+class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python's C API, as its own server drives it: the prompt in one llama_decode (split
+    into micro-batches of 512 inside, llama-server's defaults), then one token per decode, each drawn by llama.cpp's
+    sampler chain in C (greedy; or repetition penalty over its default last 64 tokens, temperature, top-p, dist), so
+    Python never touches the logits. Flash attention on; the KV cache is cleared before each run."""
+
+    def __init__(self, spec: EngineSpec, threads: int):
+        import llama_cpp
+
+        self.lib = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=spec.model_path, n_ctx=0, n_batch=2048, n_ubatch=512,
+                                   n_threads=threads, n_threads_batch=threads, flash_attn=True, verbose=False)
+        self.ctx = self.llm.ctx
+
+    def details(self) -> dict:
+        return {"llama_cpp_system_info": self.lib.llama_print_system_info().decode(errors="replace").strip()}
+
+    def _chain(self, sampling: Sampling, seed: int):
+        lib = self.lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if sampling.greedy:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            return chain
+        if sampling.repetition_penalty != 1.0:
+            penalty = (64, sampling.repetition_penalty, 0.0, 0.0)  # last 64 tokens (its default), no freq/presence
+            if len(lib.llama_sampler_init_penalties.argtypes) == 5:  # llama.cpp builds that also take the vocab size
+                penalty = (self.llm.n_vocab(), *penalty)
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_penalties(*penalty))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(sampling.temperature))
+        if sampling.top_p < 1.0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(sampling.top_p, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+        return chain
+
+    def generate(self, ids: np.ndarray, new_tokens: int, sampling: Sampling, seed: int) -> Timing:
+        lib, ctx = self.lib, self.ctx
+        if ids.shape[0] != 1:
+            raise RuntimeError(f"the llama.cpp adapter runs batch 1, got {ids.shape[0]} rows")
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        chain = self._chain(sampling, seed)
+        prompt = (lib.llama_token * ids.shape[1])(*ids[0].tolist())
+        for token in prompt:  # as llama-server does: the prompt is seen by the penalties
+            lib.llama_sampler_accept(chain, token)
+        one = (lib.llama_token * 1)()
+        stamps, first_row = [], []
+        try:
+            start = time.perf_counter()
+            if lib.llama_decode(ctx, lib.llama_batch_get_one(prompt, len(prompt))) != 0:
+                raise RuntimeError("llama_decode failed on the prompt")
+            for step in range(new_tokens):
+                token = lib.llama_sampler_sample(chain, ctx, -1)  # also accepts it into the chain
+                stamps.append(time.perf_counter())
+                first_row.append(int(token))
+                if step + 1 < new_tokens:
+                    one[0] = token
+                    if lib.llama_decode(ctx, lib.llama_batch_get_one(one, 1)) != 0:
+                        raise RuntimeError(f"llama_decode failed at step {step + 1}")
+        finally:
+            lib.llama_sampler_free(chain)
+        return Timing(start, stamps, first_row)
+
+
+RUNNERS = {"torch": TorchRunner, "fastllm": FastLLMRunner, "optimum": OptimumRunner, "genai": GenaiRunner,
+           "llamacpp": LlamaCppRunner}

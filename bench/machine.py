@@ -8,7 +8,7 @@ from importlib import metadata
 from pathlib import Path
 
 PACKAGES = ("fastllm", "numpy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "torch", "transformers", "onnx",
-            "optimum", "onnxruntime-genai")
+            "optimum", "onnxruntime-genai", "llama-cpp-python", "gguf")
 
 
 def _cpu_model() -> str:

@@ -93,11 +93,36 @@ def sampling_table(shape: dict) -> list[str]:
     return [SAMPLING_HEADER, "|" + "---|" * SAMPLING_HEADER.count(" | ") + "---|", *(line for *_, line in lines)]
 
 
+PEER_HEADER = ("| fastllm | llama.cpp | prompt | sampling | TTFT ms | llama.cpp TTFT ms | TTFT ratio | TPOT p50 ms | "
+               "llama.cpp TPOT p50 ms | TPOT ratio |")
+PEER_FILE_TYPE = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}  # fastllm precision -> llama.cpp file type
+
+
+def peer_table(shape: dict) -> list[str]:
+    """Each fastllm row beside llama.cpp at the same bits (fp32 / f32, int8 / q8_0, int4 / q4_0), same case and
+    sampling mode: fastllm ÷ llama.cpp. Empty when llama.cpp did not run."""
+    precision = {e["label"]: e["precision"] for e in shape["engines"]}
+    peers = {(precision.get(r["label"]), _case(r)): r
+             for r in shape["results"] if r["engine"] == "llamacpp" and "error" not in r}
+    lines = []
+    for row in shape["results"]:
+        if row["engine"] != "fastllm" or "error" in row:
+            continue
+        peer = peers.get((PEER_FILE_TYPE.get(precision.get(row["label"], "")), _case(row)))
+        if peer is None:
+            continue
+        s, q = row["summary"], peer["summary"]
+        lines.append(f"| {row['label']} | {peer['label']} | {row['prompt_length']} | {_sampling(row)} | "
+                     f"{_ms(s['ttft_s'])} | {_ms(q['ttft_s'])} | {_ratio(row, peer, 'ttft_s')} | "
+                     f"{_ms(s['tpot_p50_s'])} | {_ms(q['tpot_p50_s'])} | {_ratio(row, peer, 'tpot_p50_s')} |")
+    return [PEER_HEADER, "|" + "---|" * PEER_HEADER.count(" | ") + "---|", *lines] if lines else []
+
+
 def markdown(results: dict) -> str:
     m, v, w = results["machine"], results["versions"], results["workload"]
     memory = f"{m['memory_bytes'] / 2**30:.0f} GiB RAM" if m.get("memory_bytes") else "memory unknown"
     packages = ", ".join(f"{k} {v[k]}" for k in ("fastllm", "torch", "transformers", "onnxruntime", "optimum",
-                                                 "onnxruntime-genai") if k in v)
+                                                 "onnxruntime-genai", "llama-cpp-python", "gguf") if k in v)
     ref = next((e["label"] for s in results["shapes"] for e in s["engines"] if e["name"] == results["reference"]),
                results["reference"])
     machine_line = (f"- Machine: {m['cpu']} ({', '.join(m['cpu_flags']) or 'no AVX flags read'}), "
@@ -122,6 +147,10 @@ def markdown(results: dict) -> str:
                  f"(random weights), context {shape['max_context']}, {w['threads']} threads")
         lines += ["", title, "", f"Engines (size on disk): {engines}", ""]
         lines += table(shape, results["reference"], list(modes))
+        peer = peer_table(shape)
+        if peer:
+            lines += ["", f"### {shape['name']}: fastllm ÷ llama.cpp at the same bits per weight (below 1.00 is "
+                          "faster)", "", *peer]
         cost = sampling_table(shape)
         if cost:
             lines += ["", f"### {shape['name']}: sampled ÷ greedy TPOT (each engine against itself, same case)", "",

@@ -105,12 +105,12 @@ def _run_shape(name: str, extra_dirs: list[Path], options: BenchOptions, notes: 
                          f"{workload.new_tokens} new tokens; lower --prompt-lengths or --new-tokens")
 
     specs = resolve(options.engines, hf_dir=built.hf_dir, fastllm_dirs=fastllm_dirs,
-                    peer_root=built.hf_dir.parent)
+                    peer_root=built.hf_dir.parent, precisions=options.precisions)
     engines, runnable = [], []
     for spec in specs:
         if spec.skipped is None:
             try:
-                prepare(spec, built.hf_dir, progress)
+                prepare(spec, built.hf_dir, progress, max_context=shape.max_context)
             except Exception as e:  # noqa: BLE001 -- a peer that cannot convert this model is skipped, not fatal
                 spec = EngineSpec(**{**spec.to_dict(), "skipped": f"preparing failed: {type(e).__name__}: {e}"})
         if spec.skipped is not None:
@@ -122,11 +122,17 @@ def _run_shape(name: str, extra_dirs: list[Path], options: BenchOptions, notes: 
         engines.append({**spec.to_dict(), "model_size_bytes": size})
 
     rows = []
-    total = len(cases) * len(workload.sampling) * len(runnable)
+    fits = {(case, spec.label): spec.max_batch is None or case.batch <= spec.max_batch
+            for case in cases for spec in runnable}
+    for spec in runnable:
+        left = sorted({case.batch for case in cases if not fits[case, spec.label]})
+        if left:
+            notes.append(f"{name}: {spec.label} runs batch <= {spec.max_batch} only; batch sizes {left} left out")
+    total = sum(fits.values()) * len(workload.sampling)
     for case in cases:
         ids = workload.prompt_ids(case, shape.vocab_size)  # (batch, prompt_length), shared by every engine
         for sampling in workload.samplings():  # greedy and sampled of one engine close in time, for their ratio
-            for spec in runnable:
+            for spec in (s for s in runnable if fits[case, s.label]):
                 t0 = time.perf_counter()
                 result = run_worker(spec, ids, new_tokens=workload.new_tokens, threads=workload.threads,
                                     runs=workload.runs, warmup=workload.warmup, sampling=sampling,

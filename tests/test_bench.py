@@ -198,3 +198,20 @@ def test_every_shape_has_a_transformers_config_of_its_architecture(name):
     shape = shapes.get(name)
     config = shape.hf_config()
     assert config.architectures == [shape.architecture] and config.vocab_size == shape.vocab_size
+
+
+def test_fastllm_runner_prefills_every_run(exported):
+    """The benchmark sends the same prompt in every run: a prefix cache would skip its prefill and make TTFT the
+    cost of one token. The runner's engine has none."""
+    import numpy as np
+
+    from fastllm.bench.engines import FastLLMRunner, fastllm_spec
+    from fastllm.bench.workload import SAMPLINGS
+
+    runner = FastLLMRunner(fastllm_spec(exported["LlamaForCausalLM"][1]), threads=1)
+    ids = np.arange(3, 40, dtype=np.int64)[None]
+    first = runner.generate(ids, 4, SAMPLINGS["greedy"], seed=0)
+    second = runner.generate(ids, 4, SAMPLINGS["greedy"], seed=0)
+    assert first.first_row == second.first_row
+    stats = runner.engine.stats()
+    assert stats["prefix_cache_hits"] == 0 and stats["prompt_tokens"] == 2 * ids.shape[1]
