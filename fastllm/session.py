@@ -86,6 +86,9 @@ def _load_hint(manifest: Manifest) -> str:
     return "the file is corrupt or incomplete, re-export it with `fastllm export SRC OUT`"
 
 
+PROFILE_ENV = "FASTLLM_ORT_PROFILE"  # set to a path prefix: sessions write ONNX Runtime profiles (bench.op_profile)
+
+
 def session_options(threads: int | None, *, preoptimized: bool = False) -> ort.SessionOptions:
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise InvalidParameterError(f"threads must be a positive integer or None (all cores), got {threads!r}")
@@ -97,6 +100,10 @@ def session_options(threads: int | None, *, preoptimized: bool = False) -> ort.S
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if preoptimized
                                         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     options.log_severity_level = 3
+    profile = os.environ.get(PROFILE_ENV)
+    if profile:  # ONNX Runtime's profiler: one JSON of every kernel's time, written when the session ends
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
     return options
 
 
