@@ -188,6 +188,8 @@ def fake_quantized_copy(fp32_dir, out_dir, name: str) -> dict:
     from fastllm.export.quantized_graph import weight_matmuls
 
     fp32_dir, out_dir = Path(fp32_dir), Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists; fake_quantized_copy writes a new directory only")
     if name not in FORMATS:
         raise ValueError(f"unknown baseline format {name!r}; choose one of {', '.join(FORMATS)}")
     model = onnx.load(str(fp32_dir / "model.onnx"))  # with its external data
@@ -211,10 +213,16 @@ def fake_quantized_copy(fp32_dir, out_dir, name: str) -> dict:
         counts[used] = counts.get(used, 0) + 1
         weights += w.size
         bits += w.size * BITS_PER_WEIGHT[used]
-    out_dir.mkdir(parents=True)
-    for f in fp32_dir.iterdir():
-        if f.is_file() and f.name not in ("model.onnx", "model.onnx.data"):
-            shutil.copy2(f, out_dir / f.name)
-    onnx.save(model, str(out_dir / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="model.onnx.data", size_threshold=1024)
+    partial = out_dir.with_name(out_dir.name + ".partial")  # renamed when whole: no half-written directory
+    partial.mkdir(parents=True)  # raises when it exists: never written over
+    try:
+        for f in fp32_dir.iterdir():
+            if f.is_file() and f.name not in ("model.onnx", "model.onnx.data"):
+                shutil.copy2(f, partial / f.name)
+        onnx.save(model, str(partial / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location="model.onnx.data", size_threshold=1024)
+        partial.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return {"format": name, "matrices": counts, "weights": weights, "bits_per_weight": bits / max(weights, 1)}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fastllm.cli import UsageError
 from fastllm.errors import FastLLMError
-from fastllm.export.precision import KEEP, METHODS, PRECISIONS, QUANTIZED, QuantOptions
+from fastllm.export.precision import KEEP, METHODS, PRECISIONS, PREFILL, QUANTIZED, QuantOptions
 
 
 def register(subparsers) -> None:
@@ -52,6 +52,10 @@ def add_quant_options(p) -> None:
     q.add_argument("--mixed", choices=KEEP, default=None,
                    help="mixed precision: measure each MatMul's sensitivity and keep the most sensitive ones in "
                         f"{' or '.join(KEEP)} until perplexity on calibration text is within --max-ppl-increase")
+    q.add_argument("--prefill", choices=tuple(PREFILL), default=None,
+                   help="also write a prompt graph in this precision (prefill.onnx), sharing the KV cache: prompt "
+                        "chunks run its kernels, which are faster than weight-only int4/int8 at many rows (TTFT), "
+                        "decode steps the smaller weights. Costs its size on disk and in memory; fused graph only")
     q.add_argument("--calibration-text", default=None,
                    help="text for --mixed (default: the training split of the project's corpus)")
     q.add_argument("--max-ppl-increase", type=float, default=None,
@@ -73,7 +77,7 @@ def add_quant_options(p) -> None:
 
 QUANT_FLAGS = {"method": "--method", "block_size": "--block-size", "asymmetric": "--asymmetric",
                "accuracy_level": "--accuracy-level", "keep_lm_head": "--keep-lm-head",
-               "keep_embedding": "--keep-embedding", "mixed": "--mixed", "calibration_text": "--calibration-text",
+               "keep_embedding": "--keep-embedding", "mixed": "--mixed", "prefill": "--prefill", "calibration_text": "--calibration-text",
                "max_ppl_increase": "--max-ppl-increase", "max_kl": "--max-kl",
                "min_agreeing_prefix": "--min-agreeing-prefix", "text": "--text", "force": "--force"}
 
@@ -89,7 +93,7 @@ def quant_options(args) -> QuantOptions | None:
         return None
     given = {"method": args.method, "block_size": args.block_size, "accuracy_level": args.accuracy_level,
              "symmetric": False if args.asymmetric else None, "lm_head": False if args.keep_lm_head else None,
-             "embedding": False if args.keep_embedding else None, "mixed": args.mixed,
+             "embedding": False if args.keep_embedding else None, "mixed": args.mixed, "prefill": args.prefill,
              "max_ppl_increase": args.max_ppl_increase, "max_kl": args.max_kl,
              "min_agreeing_prefix": args.min_agreeing_prefix}
     return QuantOptions(args.precision, **{field: value for field, value in given.items() if value is not None})

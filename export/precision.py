@@ -53,6 +53,10 @@ KEEP = tuple(sorted((name for name, p in PRECISIONS.items() if (name == "fp32" o
                      and p.bits > min(PRECISIONS[q].bits for q in QUANTIZED)), key=lambda name: PRECISIONS[name].bits))
 
 
+# what --prefill may build the prompt graph in (precision, method): kernels that are fast at many rows per call
+PREFILL = {"int8-dynamic": ("int8", "dynamic"), "fp32": ("fp32", None)}
+
+
 def variants() -> dict[str, tuple[str, str]]:
     """Each quantized precision and method under one name, the default method bare: {"int8": ("int8",
     "weight-only"), "int8-dynamic": ("int8", "dynamic"), "int4": ("int4", "weight-only")}."""
@@ -70,6 +74,9 @@ class QuantOptions:
     lm_head: bool = True  # quantize the LM head too
     embedding: bool = True  # quantize the embedding lookup (shares the LM head's bytes when tied)
     mixed: str | None = None  # one of KEEP: keep the most sensitive MatMuls there to meet the budget
+    # a second graph for prompt chunks, sharing the KV cache: one of PREFILL ("int8-dynamic" or "fp32"), whose
+    # kernels are faster than MatMulNBits' at many rows (TTFT), while decode steps keep the smaller weights
+    prefill: str | None = None
     # quality gate limits; None: the precision's defaults (Precision.max_ppl_increase, ...)
     max_ppl_increase: float | None = None
     max_kl: float | None = None
@@ -103,6 +110,12 @@ class QuantOptions:
                                   f"choose {' or '.join(higher)}, got {self.mixed!r}")
             if self.method != "weight-only":
                 raise ExportError("--mixed works with weight-only quantization, not --method dynamic")
+        if self.prefill is not None:
+            if self.prefill not in PREFILL:
+                raise ExportError(f"--prefill takes {' or '.join(PREFILL)}, got {self.prefill!r}")
+            if self.method != "weight-only":
+                raise ExportError(f"--prefill {self.prefill} adds a prompt graph beside a weight-only one; a "
+                                  f"{self.method} model prefills with its own kernels already")
 
     @property
     def bits(self) -> int:

@@ -21,11 +21,11 @@ from fastllm.errors import ExportError
 from fastllm.export.corpus import held_out_text, split
 from fastllm.export.mixed import choose
 from fastllm.export.optimize import optimize
-from fastllm.export.precision import QuantOptions
+from fastllm.export.precision import PREFILL, QuantOptions
 from fastllm.export.quality import describe_report, gate, quality_report, refusal
 from fastllm.export.quantized_graph import quantize_graph
 from fastllm.export.staging import MODEL_FILES, check_destination, staging
-from fastllm.export.trace import DATA_FILE, GRAPH_FILE
+from fastllm.export.trace import DATA_FILE, GRAPH_FILE, PREFILL_DATA_FILE, PREFILL_FILE
 from fastllm.manifest import Manifest
 
 Progress = Callable[[str], None]
@@ -48,7 +48,8 @@ def describe_options(options: QuantOptions) -> str:
             + (f", blocks of {options.block_size}, {'symmetric' if options.symmetric else 'asymmetric'}, "
                f"accuracy level {options.accuracy_level}" if options.method == "weight-only" else "")
             + f", LM head {'quantized' if options.lm_head else 'fp32'}"
-            + f", embedding {'quantized' if options.embedding else 'fp32'}")
+            + f", embedding {'quantized' if options.embedding else 'fp32'}"
+            + (f", prompt graph {options.prefill}" if options.prefill else ""))
 
 
 def quantize(fp32: Path, tmp: Path, options: QuantOptions, *, text: str | None = None,
@@ -83,8 +84,16 @@ def quantize(fp32: Path, tmp: Path, options: QuantOptions, *, text: str | None =
                     "options": {k: v for k, v in asdict(options).items() if k != "precision"}, **graph}
     if mixed:
         quantization["mixed_precision"] = mixed
+    prefill = None
+    if options.prefill and manifest.graph.kind != "fused":
+        raise ExportError(f"--prefill needs the fused graph (its slots bind one KV buffer to both graphs); {fp32} "
+                          f"holds the {manifest.graph.kind} graph: export it with --graph fused")
+    if options.prefill:
+        progress(f"prefill: a {options.prefill} graph for prompt chunks, sharing the KV cache with the "
+                 f"{options.precision} graph")
+        prefill = prefill_graph(fp32, tmp, options.prefill, fused=manifest.graph.kind == "fused")
     quantized = dataclasses.replace(manifest, precision=options.precision, quantization=quantization,
-                                    graph=dataclasses.replace(manifest.graph, optimized=optimized))
+                                    graph=dataclasses.replace(manifest.graph, optimized=optimized, prefill=prefill))
     quantized.write(tmp)
     if text is None:
         progress("quality: text from the corpus's held-out split (the standard library's docstrings)")
@@ -105,6 +114,33 @@ def quantize(fp32: Path, tmp: Path, options: QuantOptions, *, text: str | None =
     quantized = dataclasses.replace(quantized, quantization={**quantization, "quality": report})
     quantized.write(tmp)
     return quantized
+
+
+def prefill_graph(fp32: Path, tmp: Path, name: str, *, fused: bool) -> dict:
+    """The prompt graph: fp32's graph in PREFILL[name], written as tmp/prefill.onnx (+ data) beside the decode
+    graph. Same inputs and outputs, so the runtime binds the same KV buffers to both."""
+    import onnx
+
+    precision, method = PREFILL[name]
+    scratch = tmp / ".prefill"
+    scratch.mkdir()
+    try:
+        if precision == "fp32":
+            shutil.copy2(fp32 / GRAPH_FILE, scratch / GRAPH_FILE)
+            shutil.copy2(fp32 / DATA_FILE, scratch / DATA_FILE)
+            graph = {}
+        else:
+            graph = quantize_graph(fp32, scratch, QuantOptions(precision, method=method))
+        optimized = optimize(scratch, target="cpu") if fused else None
+        model = onnx.load(str(scratch / GRAPH_FILE))
+        onnx.save(model, str(tmp / PREFILL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=PREFILL_DATA_FILE, size_threshold=1024)
+        for written in (PREFILL_FILE, PREFILL_DATA_FILE):  # onnx creates its data file private; match the others
+            (tmp / written).chmod((tmp / GRAPH_FILE).stat().st_mode & 0o777)
+    finally:
+        shutil.rmtree(scratch)
+    return {"file": PREFILL_FILE, "precision": precision, "method": method, "optimized": optimized,
+            "matmuls": graph.get("matmuls"), "embedding": graph.get("embedding")}
 
 
 def quantize_model(src, out, options: QuantOptions, *, text: str | None = None, calibration: str | None = None,

@@ -34,8 +34,8 @@ from fastllm.manifest import MANIFEST_NAME
 # Every file an export or a quantization writes into a model directory (tests/test_overwrite.py checks this against
 # export.trace GRAPH_FILE / DATA_FILE and export.pipeline TOKENIZER_FILES; they are not imported here to keep this
 # module free of torch).
-MODEL_FILES = frozenset({"model.onnx", "model.onnx.data", MANIFEST_NAME, "tokenizer.json", "tokenizer_config.json",
-                         "special_tokens_map.json", "chat_template.jinja"})
+MODEL_FILES = frozenset({"model.onnx", "model.onnx.data", "prefill.onnx", "prefill.onnx.data", MANIFEST_NAME,
+                         "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"})
 
 
 def is_model_directory(directory: Path) -> bool:

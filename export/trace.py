@@ -17,6 +17,7 @@ from fastllm.manifest import TensorInfo
 OPSET = 17
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+PREFILL_FILE, PREFILL_DATA_FILE = "prefill.onnx", "prefill.onnx.data"  # the optional prompt graph (--prefill)
 
 _ONNX_DTYPES = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
                 onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}

@@ -203,6 +203,9 @@ def run_info(args) -> int:
         f"precision:    {m.precision}",
         *quantization_lines(m.quantization or {}),
         f"graph:        {m.graph.kind}, {m.graph.file}, KV {m.graph.kv_layout}",
+        *([f"prompt graph: {m.graph.prefill.get('precision')} {m.graph.prefill.get('method') or ''}".rstrip()
+           + f", {m.graph.prefill.get('file')} (prompt chunks; decode steps run {m.graph.file})"]
+          if m.graph.prefill else []),
         f"tokens:       eos {list(m.eos_token_ids)}, bos {m.bos_token_id}, pad {m.pad_token_id}",
         f"tokenizer:    {m.tokenizer or 'none (token ids only)'}",
         f"size on disk: {size / 1e6:.2f} MB in {len(files)} files",

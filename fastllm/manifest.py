@@ -41,6 +41,9 @@ class GraphInfo:
     present_key: str = "present.{layer}.key"
     present_value: str = "present.{layer}.value"
     optimized: dict | None = None  # {"target": "cpu", "level": "extended", ...} when ORT's passes ran at export
+    # a second graph for prompt chunks (`fastllm quantize --prefill`), same inputs and outputs, sharing the KV
+    # cache: {"file": "prefill.onnx", "precision": "int8", "method": "dynamic", "optimized": {...}}
+    prefill: dict | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> GraphInfo:

@@ -468,7 +468,7 @@ class Scheduler(Loop):
         self.slots = [Slot(i) for i in range(layout.slots)]
         self.sampler = Sampler(manifest.vocab_size, threads=self.session.threads)
         self.decode_binding = self.session.ort.io_binding()
-        self.prefill_binding = self.session.ort.io_binding()
+        self.prefill_binding = self.session.prefill_ort.io_binding()  # the prompt graph's, when there is one
         self._decode_bound: tuple[int, int] | None = None  # slots [lo, hi) the decode binding's views cover
         self._prefill_bound = -1  # slot the prefill binding's KV views cover
         n, vocab = layout.slots, manifest.vocab_size
@@ -646,7 +646,8 @@ class Scheduler(Loop):
         self._run(binding, {"input_ids": np.asarray(ids[start:end], dtype=np.int64)[None],  # (1, n)
                             "position_ids": np.arange(start, end, dtype=np.int64)[None],
                             "seqlens_k": np.array([end - 1], dtype=np.int32),
-                            "total_sequence_length": np.array(end, dtype=np.int32)})
+                            "total_sequence_length": np.array(end, dtype=np.int32)},
+                  ort_session=self.session.prefill_ort)
         slot.length = end
         slot.reusable = min(end, len(ids) - 1) // self.chunk * self.chunk
         if end < len(ids):
@@ -662,14 +663,15 @@ class Scheduler(Loop):
                                                    [seq.history])
         self._advance(request, int(token), logprob)
 
-    def _run(self, binding: ort.IOBinding, feeds: dict[str, np.ndarray], keep: np.ndarray = _KEEP_ONE) -> None:
+    def _run(self, binding: ort.IOBinding, feeds: dict[str, np.ndarray], keep: np.ndarray = _KEEP_ONE,
+             ort_session: ort.InferenceSession | None = None) -> None:
         names = self.session.input_names
         for name, array in feeds.items():
             if name in names:  # graphs drop inputs they do not use (e.g. position_ids with rotary inside)
                 binding.bind_cpu_input(name, array)
         if "logits_to_keep" in names:
             binding.bind_cpu_input("logits_to_keep", keep)
-        self.session.ort.run_with_iobinding(binding)
+        (ort_session or self.session.ort).run_with_iobinding(binding)
 
     def _advance(self, request: Request, token: int, logprob) -> None:
         if self._emit(request, token, logprob):

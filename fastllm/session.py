@@ -107,8 +107,11 @@ def session_options(threads: int | None, *, preoptimized: bool = False) -> ort.S
     return options
 
 
-def open_session(directory: Path, manifest: Manifest, *, device: Device, threads: int | None) -> ort.InferenceSession:
-    path = directory / manifest.graph.file
+def open_session(directory: Path, manifest: Manifest, *, device: Device, threads: int | None,
+                 prefill: bool = False) -> ort.InferenceSession:
+    """The decode graph's session, or with `prefill` the prompt graph's (manifest.graph.prefill)."""
+    graph = manifest.graph.prefill if prefill else None
+    path = directory / (graph["file"] if graph else manifest.graph.file)
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing; the model directory is incomplete, re-export it with "
                              "`fastllm export SRC OUT`")
@@ -120,7 +123,7 @@ def open_session(directory: Path, manifest: Manifest, *, device: Device, threads
     if device.kind == "cpu" and manifest.precision == "fp16":
         warnings.warn("this model is fp16, which is meant for CUDA: on the CPU ONNX Runtime runs it slower than "
                       "fp32 (export fp32, int8 or int4 for the CPU)", RuntimeWarning, stacklevel=4)
-    optimized = manifest.graph.optimized or {}
+    optimized = (graph.get("optimized") if graph else manifest.graph.optimized) or {}
     options = session_options(threads, preoptimized=optimized.get("target") == device.kind)
     try:
         session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
@@ -131,12 +134,13 @@ def open_session(directory: Path, manifest: Manifest, *, device: Device, threads
     if session.get_providers()[0] != device.provider:
         raise DeviceError(f"onnxruntime did not start {device.provider} (it runs {session.get_providers()}); "
                           "check the CUDA and cuDNN libraries onnxruntime-gpu needs, or load with device='cpu'")
-    check_graph(session, manifest)
+    check_graph(session, manifest, path.name)
     return session
 
 
-def check_graph(session: ort.InferenceSession, manifest: Manifest) -> None:
-    """Refuse a manifest that disagrees with the graph's inputs and outputs."""
+def check_graph(session: ort.InferenceSession, manifest: Manifest, file: str | None = None) -> None:
+    """Refuse a manifest that disagrees with the graph's inputs and outputs (the prompt graph's too: both are bound
+    to the same buffers)."""
     for kind, declared, actual in (("input", manifest.graph.inputs, session.get_inputs()),
                                    ("output", manifest.graph.outputs, session.get_outputs())):
         graph = {t.name: _ORT_TYPES.get(t.type, t.type) for t in actual}
@@ -146,7 +150,7 @@ def check_graph(session: ort.InferenceSession, manifest: Manifest) -> None:
             extra = sorted(set(graph) - set(listed))
             wrong = sorted(n for n in set(graph) & set(listed) if graph[n] != listed[n])
             raise ManifestError(
-                f"fastllm.json disagrees with {manifest.graph.file}'s {kind}s (in manifest only: {missing}, "
+                f"fastllm.json disagrees with {file or manifest.graph.file}'s {kind}s (in manifest only: {missing}, "
                 f"in graph only: {extra}, dtype differs: {wrong}); {REEXPORT_HINT}"
             )
 
@@ -162,6 +166,10 @@ class Session:
         self.device = device
         self.threads = threads or os.cpu_count() or 1  # intra-op threads (None: ORT takes every core)
         self.ort = open_session(directory, manifest, device=device, threads=threads)
+        # prompt chunks run here: the prompt graph when the model has one (`fastllm quantize --prefill`), else
+        # the decode graph itself; both read and write the same KV buffers
+        self.prefill_ort = (open_session(directory, manifest, device=device, threads=threads, prefill=True)
+                            if manifest.graph.prefill else self.ort)
         self.input_names = {t.name for t in manifest.graph.inputs}
 
     def new_cache(self, batch: int, width: int, max_new_tokens: int):

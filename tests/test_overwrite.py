@@ -152,10 +152,10 @@ def test_a_model_is_replaced_only_with_overwrite(hf_dirs, model, capsys):
 
 def test_model_files_are_what_the_exporter_writes(exported):
     from fastllm.export.pipeline import TOKENIZER_FILES
-    from fastllm.export.trace import DATA_FILE, GRAPH_FILE
+    from fastllm.export.trace import DATA_FILE, GRAPH_FILE, PREFILL_DATA_FILE, PREFILL_FILE
     from fastllm.manifest import MANIFEST_NAME
 
-    assert MODEL_FILES == {GRAPH_FILE, DATA_FILE, MANIFEST_NAME, *TOKENIZER_FILES}
+    assert MODEL_FILES == {GRAPH_FILE, DATA_FILE, PREFILL_FILE, PREFILL_DATA_FILE, MANIFEST_NAME, *TOKENIZER_FILES}
     for key, (_, path) in exported.items():
         assert foreign_entries(path) == [], key
 

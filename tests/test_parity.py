@@ -72,9 +72,9 @@ def test_prompt_is_not_recomputed(exported, monkeypatch, graph):
     if graph == "fused":  # the scheduler's forward passes: prefill (1, n) per prompt, decode (rows, 1)
         run = engine._scheduler._run
 
-        def spy(binding, feeds):
+        def spy(binding, feeds, *args, **kw):
             seen.append(feeds["input_ids"].shape)
-            return run(binding, feeds)
+            return run(binding, feeds, *args, **kw)
 
         monkeypatch.setattr(engine._scheduler, "_run", spy)
     else:  # one request at a time, each with its own cache
