@@ -66,7 +66,7 @@ def profile(directory: Path, *, threads: int, prompt: int, steps: int, seed: int
         previous = os.environ.get(PROFILE_ENV)
         os.environ[PROFILE_ENV] = str(Path(tmp) / "ort")
         try:
-            engine = fastllm.load(directory, threads=threads)
+            engine = fastllm.load(directory, threads=threads, prefix_cache=False)  # every prefill computed
         finally:
             if previous is None:
                 os.environ.pop(PROFILE_ENV, None)
@@ -99,7 +99,7 @@ def markdown(results: list[dict], *, top: int = 8) -> str:
     lines = []
     for r in results:
         name = f"{Path(r['model_dir']).parent.name}/{Path(r['model_dir']).name}"
-        for phase, label in (("decode", "decode step (mean of %d)" % r["steps"]),
+        for phase, label in (("decode", f"decode step (mean of {r['steps']})"),
                              ("prefill", f"prefill of {r['prompt']} tokens")):
             s = r[phase]
             parts = [f"{op} {ms:.2f} ({100 * ms / s['forward_ms']:.0f}%)"

@@ -149,8 +149,8 @@ def markdown(results: dict) -> str:
         lines += table(shape, results["reference"], list(modes))
         peer = peer_table(shape)
         if peer:
-            lines += ["", f"### {shape['name']}: fastllm ÷ llama.cpp at the same bits per weight (below 1.00 is "
-                          "faster)", "", *peer]
+            heading = f"### {shape['name']}: fastllm ÷ llama.cpp at the same bits per weight (below 1.00 is faster)"
+            lines += ["", heading, "", *peer]
         cost = sampling_table(shape)
         if cost:
             lines += ["", f"### {shape['name']}: sampled ÷ greedy TPOT (each engine against itself, same case)", "",

@@ -9,8 +9,8 @@ import pytest
 from fastllm.export import baselines
 
 gguf = pytest.importorskip("gguf")
-from gguf import GGMLQuantizationType as T  # noqa: E402
-from gguf.quants import dequantize, quantize  # noqa: E402
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize, quantize
 
 
 def _weights(rows=64, k=512, seed=0):

@@ -32,7 +32,7 @@ def _hf(tmp_path, architecture: str):
 
 
 def test_resolve_gives_one_file_type_per_precision_and_a_reason_when_missing(tmp_path, monkeypatch):
-    import fastllm.bench.engines as engines
+    from fastllm.bench import engines
 
     monkeypatch.setattr(engines, "_installed", lambda module: False)
     specs = resolve(("llamacpp",), hf_dir=tmp_path, fastllm_dirs=[], peer_root=tmp_path,
