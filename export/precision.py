@@ -53,6 +53,15 @@ KEEP = tuple(sorted((name for name, p in PRECISIONS.items() if (name == "fp32" o
                      and p.bits > min(PRECISIONS[q].bits for q in QUANTIZED)), key=lambda name: PRECISIONS[name].bits))
 
 
+def fit_block(block: int, k: int) -> int:
+    """The block size used on a matrix whose rows (the dot-product axis) have k values: `block` halved while it is
+    longer than a row, down to 16. A block past the row's end is padding, stored and computed for nothing (int8's
+    blocks of 128 on a hidden size of 64 were half padding: 16 bits per weight)."""
+    while block > 16 and block > k:
+        block //= 2
+    return block
+
+
 # what --prefill may build the prompt graph in (precision, method): kernels that are fast at many rows per call
 PREFILL = {"int8-dynamic": ("int8", "dynamic"), "fp32": ("fp32", None)}
 

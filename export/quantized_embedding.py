@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from fastllm.export.precision import fit_block
+
 
 @dataclass
 class Embedding:
@@ -91,6 +93,7 @@ def quantize_embedding(model: onnx.ModelProto, *, bits: int, block_size: int, sy
         weight = numpy_helper.to_array(inits[found.weight])
         weight_kn = weight if found.transposed else weight.T
         k, n = weight_kn.shape
+        block_size = fit_block(block_size, k)
         blocks = -(-k // block_size)
         packed, scales, zero_points = block_quantize(weight_kn, bits, block_size, symmetric)
         if zero_points is not None and bits == 4:

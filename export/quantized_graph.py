@@ -19,7 +19,7 @@ import onnx
 from onnx.external_data_helper import load_external_data_for_tensor
 
 from fastllm.errors import ExportError
-from fastllm.export.precision import PRECISIONS, QuantOptions
+from fastllm.export.precision import PRECISIONS, QuantOptions, fit_block
 from fastllm.export.quantized_embedding import quantize_embedding
 from fastllm.export.trace import DATA_FILE, GRAPH_FILE
 
@@ -63,7 +63,8 @@ def weight_only(light: onnx.ModelProto, base: Path, assignment: dict[str, str], 
                 ) -> onnx.ModelProto:
     """A copy of `light` (graph loaded without its data, next to `base`) with each MatMul named in `assignment`
     quantized to its precision ("int4", "int8"); the new weights are held in memory, the untouched ones still refer
-    to base's data. options' block size applies to its own precision, the others get their default."""
+    to base's data. options' block size applies to its own precision, the others get their default; either is
+    fitted to each matrix's rows (fit_block)."""
     import logging
 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -72,12 +73,15 @@ def weight_only(light: onnx.ModelProto, base: Path, assignment: dict[str, str], 
     model = onnx.ModelProto()
     model.CopyFrom(light)
     nodes = {n.name: n for n in weight_matmuls(model)}
-    for precision in sorted(set(assignment.values())):
-        group = [name for name, p in assignment.items() if p == precision]
+    weights = {n.input[1] for n in nodes.values()}
+    rows = {t.name: t.dims[0] for t in model.graph.initializer if t.name in weights}  # MatMul weights are (K, N)
+    groups: dict[tuple[str, int], list[str]] = {}
+    for name, precision in assignment.items():
+        block = options.block_size if precision == options.precision else PRECISIONS[precision].block_size
+        groups.setdefault((precision, fit_block(block, rows[nodes[name].input[1]])), []).append(name)
+    for (precision, block), group in sorted(groups.items()):
         load_weights(model, base, [nodes[name].input[1] for name in group])
-        spec = PRECISIONS[precision]
-        quantizer = MatMulNBitsQuantizer(model, bits=spec.bits, block_size=options.block_size
-                                         if precision == options.precision else spec.block_size,
+        quantizer = MatMulNBitsQuantizer(model, bits=PRECISIONS[precision].bits, block_size=block,
                                          is_symmetric=options.symmetric,
                                          accuracy_level=options.accuracy_level,
                                          nodes_to_exclude=[n for n in nodes if n not in group])
@@ -139,5 +143,12 @@ def quantize_graph(src: Path, out: Path, options: QuantOptions, *, kept: dict[st
     for scratch in out.glob("dynamic.onnx*"):
         scratch.unlink()
     counts = {p: sum(v == p for v in precision.values()) for p in ("int8", "int4", "fp32")}
-    return {"matmuls": {p: c for p, c in counts.items() if c}, "fp32_matmuls": with_data, "embedding": embedding,
+    blocks: dict[str, int] = {}  # "int4 blocks of 32" -> count: fitted to each matrix's rows (fit_block)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: x.i for x in node.attribute}
+            key = f"int{a['bits']} blocks of {a['block_size']}"
+            blocks[key] = blocks.get(key, 0) + 1
+    return {"matmuls": {p: c for p, c in counts.items() if c}, "blocks": blocks, "fp32_matmuls": with_data,
+            "embedding": embedding,
             "lm_head": precision.get(head.name) if head is not None else None}

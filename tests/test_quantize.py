@@ -227,3 +227,26 @@ def test_every_architecture_and_graph_quantizes(exported, variant, config, tmp_p
     c = fastllm.load(tmp_path / "q").generate("def main():", fastllm.SamplingParams(max_new_tokens=6,
                                                                                        ignore_eos=True))
     assert c.completion_tokens == 6
+
+
+def test_blocks_are_never_longer_than_a_row(exported, tmp_path):
+    """int8's default blocks of 128 on a model of hidden size 64: every MatMulNBits and the embedding lookup take
+    blocks of 64 (the largest power of two that fits the row), none is padding."""
+    import onnx
+
+    from fastllm.export.precision import QuantOptions, fit_block
+    from fastllm.export.quantize import quantize_model
+
+    assert [fit_block(128, k) for k in (64, 100, 128, 576, 8)] == [64, 64, 128, 128, 16]
+    src = exported["LlamaForCausalLM"][1]
+    out = tmp_path / "int8"
+    manifest = quantize_model(src, out, QuantOptions("int8"), force=True)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            a = {x.name: x.i for x in node.attribute}
+            k = a.get("K", 64)
+            assert a["block_size"] <= k, (node.name, a)
+    total = manifest.quantization["matmuls"]["int8"]
+    # rows of 64 everywhere but the two down projections (intermediate size 128)
+    assert manifest.quantization["blocks"] == {"int8 blocks of 64": total - 2, "int8 blocks of 128": 2}
