@@ -107,6 +107,32 @@ def greedy_agreement(reference, candidate, prompts, new_tokens: int = 32) -> dic
             "first_divergence": first, "mean_agreeing_prefix": float(np.mean(first))}
 
 
+LOOP_TOKENS, LOOP_SPAN, LOOP_PERIOD = 128, 32, 16
+
+
+def ends_in_loop(ids: list[int], span: int = LOOP_SPAN, period: int = LOOP_PERIOD) -> bool:
+    """The last `span` ids repeat with some period p <= `period`: ids[i] == ids[i - p] for each of them."""
+    tail = np.asarray(ids[-(span + period):])
+    if len(tail) < span + 1:
+        return False
+    return any(len(tail) - p >= span and np.array_equal(tail[-span:], tail[-span - p:-p])
+               for p in range(1, period + 1))
+
+
+def loops(reference, candidate, prompts, new_tokens: int = LOOP_TOKENS) -> dict | None:
+    """How many greedy continuations of `new_tokens` end in a cycle (ends_in_loop), fp32 and quantized: a
+    quantized model that falls into repeating itself where fp32 does not. A model whose context leaves less room
+    after the prompts is checked over what fits; None when that is too short to show a loop."""
+    new_tokens = min(new_tokens, min(reference.context, candidate.context) - max(len(p) for p in prompts))
+    if new_tokens < 2 * LOOP_SPAN:
+        return None
+    params = fastllm.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    count = {name: sum(ends_in_loop(list(c.token_ids)) for c in engine.generate(prompts, params))
+             for name, engine in (("fp32", reference), ("quantized", candidate))}
+    return {"prompts": len(prompts), "new_tokens": new_tokens, "span": LOOP_SPAN, "max_period": LOOP_PERIOD,
+            **count}
+
+
 def quality_report(fp32_dir: Path, quant_dir: Path, *, text: str | None, window: int = 256,
                    samples: int = SAMPLES, seed: int = SAMPLE_SEED, progress=lambda line: None) -> dict:
     """Every metric the gate limits, each with what it was measured on ("source": "text" | "self-generated").
@@ -155,6 +181,10 @@ def quality_report(fp32_dir: Path, quant_dir: Path, *, text: str | None, window:
         unmeasured["logits"] = "the fp32 model's logits are not finite"
     progress(f"quality: greedy agreement on {len(prompts)} prompts")
     report["greedy"] = {"source": source["source"], **greedy_agreement(reference, candidate, prompts)}
+    progress(f"quality: loops in {LOOP_TOKENS} greedy tokens on {len(prompts)} prompts")
+    looped = loops(reference, candidate, prompts)
+    if looped is not None:  # not gated: a context too short for the check leaves it out
+        report["loops"] = looped
     if unmeasured:
         report["unmeasured"] = unmeasured
     return report
@@ -235,6 +265,9 @@ def describe_report(report: dict) -> str:
                  f"(mean agreeing prefix {g['mean_agreeing_prefix']:.1f})")
     parts.append(f"mean KL {lg['mean_kl']:.2e}, mean |Δlogits| {lg['mean_abs_dlogits']:.3f} "
                  f"(max {lg['max_abs_dlogits']:.3f})")
+    if "loops" in report:  # reports written before the loop check have none
+        lp = report["loops"]
+        parts.append(f"loops in {lp['new_tokens']} tokens {lp['fp32']} -> {lp['quantized']} of {lp['prompts']}")
     if "size_bytes" in report:
         s = report["size_bytes"]
         parts.append(f"size {s['fp32'] / 1e6:.1f} -> {s['quantized'] / 1e6:.1f} MB")

@@ -5,9 +5,8 @@ fake-quantized in numpy on the same weights), all measured by the same quality r
 
 Each FP32_DIR is an fp32 fastllm model directory. Its quantized copies are written under DIR/<model name>/<setting>
 (DIR must not hold them yet), results to DIR/quality.json and DIR/quality.md. Besides the quality report's
-perplexity, mean KL and greedy agreement, a loop count: of the report's probe prompts, how many greedy
-continuations of 128 tokens end in a cycle (the last 32 tokens repeat with a period of at most 16), fp32 and each
-setting. Bits per weight: of the matrices quantized (MatMul weights, LM head, embedding), with their scales; for
+perplexity, mean KL and greedy agreement, its loop count: of the probe prompts, how many greedy continuations of
+128 tokens end in a cycle (the last 32 tokens repeat with a period of at most 16), fp32 and each setting. Bits per weight: of the matrices quantized (MatMul weights, LM head, embedding), with their scales; for
 fastllm from the sizes on disk, for the baselines from the format.
 """
 
@@ -19,48 +18,19 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
-import fastllm
 from fastllm.export.baselines import fake_quantized_copy
 from fastllm.export.corpus import held_out_text
 from fastllm.export.precision import QuantOptions
-from fastllm.export.quality import probe_prompts, quality_report
+from fastllm.export.quality import quality_report
 from fastllm.export.quantize import directory_size, quantize_model
 
 FASTLLM = {"int8": QuantOptions("int8"), "int4": QuantOptions("int4"), "int4-mixed": QuantOptions("int4", mixed="int8")}
 BASELINES = ("q8_0", "q4_0", "q4_k")
-LOOP_TOKENS, LOOP_SPAN, LOOP_PERIOD = 128, 32, 16
-
-
-def ends_in_loop(ids: list[int], span: int = LOOP_SPAN, period: int = LOOP_PERIOD) -> bool:
-    """The last `span` ids repeat with some period p <= `period`: ids[i] == ids[i - p] for each of them."""
-    tail = np.asarray(ids[-(span + period):])
-    if len(tail) < span + 1:
-        return False
-    for p in range(1, period + 1):
-        if len(tail) - p >= span and np.array_equal(tail[-span:], tail[-span - p:-p]):
-            return True
-    return False
-
-
-def loop_count(engine, prompts: list[list[int]]) -> int:
-    params = fastllm.SamplingParams(max_new_tokens=LOOP_TOKENS, ignore_eos=True)
-    return sum(ends_in_loop(list(c.token_ids)) for c in engine.generate(prompts, params))
-
-
-def _prompts(fp32_dir: Path, text: str) -> list[list[int]]:
-    engine = fastllm.load(fp32_dir)
-    ids = engine.encode(text) if engine.tokenizer else None
-    return probe_prompts(engine.manifest.vocab_size, ids)
-
-
 def measure(fp32_dir: Path, out: Path, settings: list[str], text: str, progress=print) -> dict:
     fp32_dir = Path(fp32_dir)
-    prompts = _prompts(fp32_dir, text)
+    prompts = 0
     fp32_size = directory_size(fp32_dir)
-    rows = {"fp32": {"bits_per_weight": 32.0, "size_bytes": fp32_size,
-                     "loops": loop_count(fastllm.load(fp32_dir), prompts)}}
+    rows = {"fp32": {"bits_per_weight": 32.0, "size_bytes": fp32_size}}
     matrix_weights = None
     for setting in settings:
         target = out / setting
@@ -79,14 +49,20 @@ def measure(fp32_dir: Path, out: Path, settings: list[str], text: str, progress=
             row = {"size_bytes": directory_size(target), "options": asdict(FASTLLM[setting]),
                    "kept": (manifest.quantization.get("mixed_precision") or {}).get("kept_count")}
         row.update(perplexity=report["perplexity"], kl=report["logits"]["mean_kl"], greedy=report["greedy"],
-                   loops=loop_count(fastllm.load(target), prompts), seconds=time.perf_counter() - t0)
+                   loops=report.get("loops", {}).get("quantized"), seconds=time.perf_counter() - t0)
+        rows["fp32"]["loops"] = report.get("loops", {}).get("fp32")  # the same in every report: same prompts
+        prompts = report.get("loops", {}).get("prompts", 0)
         rows[setting] = row
     if matrix_weights is None:  # no baseline ran: count the matrices from a throw-away copy's report
         matrix_weights = fake_quantized_copy(fp32_dir, out / ".count", "q8_0")["weights"]
     for setting, row in rows.items():
         if "bits_per_weight" not in row:  # fastllm: the quantized bytes spent on the matrices, per weight
             row["bits_per_weight"] = 8 * (row["size_bytes"] - (fp32_size - 4 * matrix_weights)) / matrix_weights
-    return {"model": str(fp32_dir), "prompts": len(prompts), "matrix_weights": matrix_weights, "settings": rows}
+    return {"model": str(fp32_dir), "prompts": prompts, "matrix_weights": matrix_weights, "settings": rows}
+
+
+def _loops(row: dict, result: dict) -> str:
+    return "–" if row.get("loops") is None else f"{row['loops']}/{result['prompts']}"
 
 
 def markdown(results: list[dict]) -> str:
@@ -98,13 +74,13 @@ def markdown(results: list[dict]) -> str:
         for setting, row in r["settings"].items():
             if setting == "fp32":
                 lines.append(f"| {name} | fp32 | 32 | {row['size_bytes'] / 1e6:.1f} | – | – | – | "
-                             f"{row['loops']}/{r['prompts']} |")
+                             f"{_loops(row, r)} |")
                 continue
             p, g = row["perplexity"], row["greedy"]
             lines.append(f"| {name} | {setting} | {row['bits_per_weight']:.2f} | {row['size_bytes'] / 1e6:.1f} | "
                          f"{p['quantized']:.3f} ({p['relative_increase']:+.2%}) | {row['kl']:.2e} | "
                          f"{g['identical']}/{g['prompts']}, {g['mean_agreeing_prefix']:.1f} | "
-                         f"{row['loops']}/{r['prompts']} |")
+                         f"{_loops(row, r)} |")
     return "\n".join(lines) + "\n"
 
 

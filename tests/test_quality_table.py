@@ -8,7 +8,8 @@ import pytest
 
 import fastllm
 from fastllm.export.baselines import fake_quantized_copy
-from fastllm.export.quality_table import ends_in_loop, markdown, measure
+from fastllm.export.quality import ends_in_loop
+from fastllm.export.quality_table import markdown, measure
 
 
 def test_loop_check():
