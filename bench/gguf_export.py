@@ -91,11 +91,11 @@ def write_gguf(hf_dir: str | Path, out: str | Path, *, max_context: int) -> Path
         w = np.ascontiguousarray(weights[hf_name], dtype=np.float32)
         writer.add_tensor(name, np.ascontiguousarray(transform(w)) if transform else w)
 
+    q_fix = (lambda w: _permute_rope(w, heads)) if arch == "llama" else None
+    k_fix = (lambda w: _permute_rope(w, kv_heads)) if arch == "llama" else None
     put("token_embd.weight", "model.embed_tokens.weight")
     for i in range(layers):
         p, b = f"model.layers.{i}.", f"blk.{i}."
-        q_fix = (lambda w: _permute_rope(w, heads)) if arch == "llama" else None
-        k_fix = (lambda w: _permute_rope(w, kv_heads)) if arch == "llama" else None
         put(b + "attn_norm.weight", p + "input_layernorm.weight")
         put(b + "attn_q.weight", p + "self_attn.q_proj.weight", q_fix)
         put(b + "attn_k.weight", p + "self_attn.k_proj.weight", k_fix)

@@ -21,6 +21,8 @@ bytes of nibbles), so the format can be checked against an independent decoder (
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 QK = 32  # block of Q8_0 / Q4_0, sub-block of Q4_K
@@ -172,6 +174,30 @@ def fake_quantize(w: np.ndarray, name: str, *, axis: int) -> np.ndarray:
 
 
 # -- a model directory whose weights are fake-quantized, for the quality report ------------------------------------
+def matrix_axes(model) -> dict[str, int]:
+    """The matrices llama.cpp quantizes, as {initializer name: dot-product axis}: the MatMul weights (K, N) along 0,
+    an untied embedding table (vocab, hidden) along 1 (a tied one is the LM head's MatMul weight already)."""
+    from fastllm.export.quantized_embedding import find_embedding
+    from fastllm.export.quantized_graph import weight_matmuls
+
+    axes = {node.input[1]: 0 for node in weight_matmuls(model)}
+    embedding = find_embedding(model.graph)
+    if embedding is not None and not embedding.transposed:
+        axes[embedding.weight] = 1
+    return axes
+
+
+def matrix_weights(fp32_dir) -> int:
+    """How many weights those matrices hold (the graph read without its data)."""
+    from pathlib import Path
+
+    import onnx
+
+    model = onnx.load(str(Path(fp32_dir) / "model.onnx"), load_external_data=False)
+    axes = matrix_axes(model)
+    return sum(math.prod(t.dims) for t in model.graph.initializer if t.name in axes)
+
+
 def fake_quantized_copy(fp32_dir, out_dir, name: str) -> dict:
     """Copy the fp32 model directory `fp32_dir` to `out_dir` (which must not exist) with every weight matrix llama.cpp
     quantizes (the MatMul weights, the LM head and the embedding table) replaced by its `name` fake-quantization;
@@ -184,19 +210,13 @@ def fake_quantized_copy(fp32_dir, out_dir, name: str) -> dict:
     import onnx
     from onnx import numpy_helper
 
-    from fastllm.export.quantized_embedding import find_embedding
-    from fastllm.export.quantized_graph import weight_matmuls
-
     fp32_dir, out_dir = Path(fp32_dir), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; fake_quantized_copy writes a new directory only")
     if name not in FORMATS:
         raise ValueError(f"unknown baseline format {name!r}; choose one of {', '.join(FORMATS)}")
     model = onnx.load(str(fp32_dir / "model.onnx"))  # with its external data
-    axes = {node.input[1]: 0 for node in weight_matmuls(model)}  # (K, N): blocks along K
-    embedding = find_embedding(model.graph)
-    if embedding is not None and not embedding.transposed:
-        axes[embedding.weight] = 1  # (vocab, hidden): blocks along hidden
+    axes = matrix_axes(model)
     counts: dict[str, int] = {}
     weights, bits = 0, 0.0
     for tensor in model.graph.initializer:

@@ -6,8 +6,9 @@ fake-quantized in numpy on the same weights), all measured by the same quality r
 Each FP32_DIR is an fp32 fastllm model directory. Its quantized copies are written under DIR/<model name>/<setting>
 (DIR must not hold them yet), results to DIR/quality.json and DIR/quality.md. Besides the quality report's
 perplexity, mean KL and greedy agreement, its loop count: of the probe prompts, how many greedy continuations of
-128 tokens end in a cycle (the last 32 tokens repeat with a period of at most 16), fp32 and each setting. Bits per weight: of the matrices quantized (MatMul weights, LM head, embedding), with their scales; for
-fastllm from the sizes on disk, for the baselines from the format.
+128 tokens end in a cycle (the last 32 tokens repeat with a period of at most 16), fp32 and each setting. Bits
+per weight: of the matrices quantized (MatMul weights, LM head, embedding), with their scales; for fastllm from
+the sizes on disk, for the baselines from the format.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from fastllm.export.baselines import fake_quantized_copy
+from fastllm.export.baselines import fake_quantized_copy, matrix_weights
 from fastllm.export.corpus import held_out_text
 from fastllm.export.precision import QuantOptions
 from fastllm.export.quality import quality_report
@@ -31,14 +32,13 @@ def measure(fp32_dir: Path, out: Path, settings: list[str], text: str, progress=
     prompts = 0
     fp32_size = directory_size(fp32_dir)
     rows = {"fp32": {"bits_per_weight": 32.0, "size_bytes": fp32_size}}
-    matrix_weights = None
+    weights = matrix_weights(fp32_dir)
     for setting in settings:
         target = out / setting
         t0 = time.perf_counter()
         progress(f"{fp32_dir.name}: {setting} -> {target}")
         if setting in BASELINES:
             made = fake_quantized_copy(fp32_dir, target, setting)
-            matrix_weights = made["weights"]
             report = quality_report(fp32_dir, target, text=text)
             # what the file would hold: the matrices at the format's bits, everything else as in fp32
             size = fp32_size - 4 * made["weights"] + made["weights"] * made["bits_per_weight"] / 8
@@ -53,12 +53,10 @@ def measure(fp32_dir: Path, out: Path, settings: list[str], text: str, progress=
         rows["fp32"]["loops"] = report.get("loops", {}).get("fp32")  # the same in every report: same prompts
         prompts = report.get("loops", {}).get("prompts", 0)
         rows[setting] = row
-    if matrix_weights is None:  # no baseline ran: count the matrices from a throw-away copy's report
-        matrix_weights = fake_quantized_copy(fp32_dir, out / ".count", "q8_0")["weights"]
     for setting, row in rows.items():
         if "bits_per_weight" not in row:  # fastllm: the quantized bytes spent on the matrices, per weight
-            row["bits_per_weight"] = 8 * (row["size_bytes"] - (fp32_size - 4 * matrix_weights)) / matrix_weights
-    return {"model": str(fp32_dir), "prompts": prompts, "matrix_weights": matrix_weights, "settings": rows}
+            row["bits_per_weight"] = 8 * (row["size_bytes"] - (fp32_size - 4 * weights)) / weights
+    return {"model": str(fp32_dir), "prompts": prompts, "matrix_weights": weights, "settings": rows}
 
 
 def _loops(row: dict, result: dict) -> str:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fastllm
-from fastllm.export.baselines import fake_quantized_copy
+from fastllm.export.baselines import fake_quantized_copy, matrix_weights
 from fastllm.export.quality import ends_in_loop
 from fastllm.export.quality_table import markdown, measure
 
@@ -25,6 +25,7 @@ def test_fake_quantized_copy_is_a_working_fp32_directory_with_llama_cpp_rounding
     made = {name: fake_quantized_copy(src, tmp_path / name, name) for name in ("q8_0", "q4_k")}
     assert made["q8_0"]["bits_per_weight"] == 8.5 and set(made["q8_0"]["matrices"]) == {"q8_0"}
     assert set(made["q4_k"]["matrices"]) == {"q5_0"} and made["q4_k"]["bits_per_weight"] == 5.5
+    assert made["q8_0"]["weights"] == matrix_weights(src)  # counted from the graph alone, without its data
     ids = [5, 17, 33, 2, 90, 41, 7, 8, 9]
     ref = fastllm.load(src, threads=1).score(ids)
     diff = {name: np.abs(fastllm.load(tmp_path / name, threads=1).score(ids).logprobs - ref.logprobs).max()
