@@ -43,6 +43,12 @@ def add_quant_options(p) -> None:
     q.add_argument("--block-size", type=int, default=None,
                    help="weights per scale (default: " + ", ".join(f"{p.name} {p.block_size}" for p in quantized) + ")")
     q.add_argument("--asymmetric", action="store_true", default=None, help="zero points per block (default: symmetric)")
+    q.add_argument("--rtn", action="store_true", default=None,
+                   help="weight-only: ONNX Runtime's round-to-nearest scales (default: each block's scale fitted by "
+                        "weighted least squares)")
+    q.add_argument("--no-activation-aware", action="store_true", default=None,
+                   help="weight-only: no calibration (default: AWQ-style per-feature scales folded into the norms "
+                        "and up projections, and the fit weighed by calibration activations)")
     q.add_argument("--accuracy-level", type=int, default=None,
                    help="MatMulNBits compute type: 4 = int8 (default; fast on VNNI/AMX), 0 = fp32")
     q.add_argument("--keep-lm-head", action="store_true", default=None, help="leave the LM head in fp32")
@@ -57,7 +63,7 @@ def add_quant_options(p) -> None:
                         "chunks run its kernels, which are faster than weight-only int4/int8 at many rows (TTFT), "
                         "decode steps the smaller weights. Costs its size on disk and in memory; fused graph only")
     q.add_argument("--calibration-text", default=None,
-                   help="text for --mixed (default: the training split of the project's corpus)")
+                   help="text for calibration and --mixed (default: the training split of the project's corpus)")
     q.add_argument("--max-ppl-increase", type=float, default=None,
                    help="quality gate: relative perplexity increase allowed (default on text: "
                         + ", ".join(f"{p.name} {p.max_ppl_increase}" for p in quantized)
@@ -75,7 +81,8 @@ def add_quant_options(p) -> None:
     q.add_argument("--force", action="store_true", default=None, help="write the model even if it fails the quality gate")
 
 
-QUANT_FLAGS = {"method": "--method", "block_size": "--block-size", "asymmetric": "--asymmetric",
+QUANT_FLAGS = {"method": "--method", "block_size": "--block-size", "asymmetric": "--asymmetric", "rtn": "--rtn",
+               "no_activation_aware": "--no-activation-aware",
                "accuracy_level": "--accuracy-level", "keep_lm_head": "--keep-lm-head",
                "keep_embedding": "--keep-embedding", "mixed": "--mixed", "prefill": "--prefill", "calibration_text": "--calibration-text",
                "max_ppl_increase": "--max-ppl-increase", "max_kl": "--max-kl",
@@ -93,6 +100,8 @@ def quant_options(args) -> QuantOptions | None:
         return None
     given = {"method": args.method, "block_size": args.block_size, "accuracy_level": args.accuracy_level,
              "symmetric": False if args.asymmetric else None, "lm_head": False if args.keep_lm_head else None,
+             "fit_scales": False if args.rtn else None,
+             "activation_aware": False if args.no_activation_aware else None,
              "embedding": False if args.keep_embedding else None, "mixed": args.mixed, "prefill": args.prefill,
              "max_ppl_increase": args.max_ppl_increase, "max_kl": args.max_kl,
              "min_agreeing_prefix": args.min_agreeing_prefix}

@@ -58,7 +58,7 @@ def mean_kl(reference: list[np.ndarray], engine, windows: list[list[int]]) -> fl
 
 
 def sensitivities(src: Path, light: onnx.ModelProto, candidates: list[str], options, ids: list[int],
-                  directory: Path, progress) -> dict[str, float]:
+                  directory: Path, progress, activations=None) -> dict[str, float]:
     """Mean KL (fp32 || only this MatMul quantized) on calibration windows, for each candidate."""
     w = CALIBRATION_WINDOW
     windows = [ids[i * w : (i + 1) * w] for i in range(min(CALIBRATION_WINDOWS, len(ids) // w))]
@@ -66,7 +66,7 @@ def sensitivities(src: Path, light: onnx.ModelProto, candidates: list[str], opti
     reference = [log_softmax(prompt_logits(reference_engine, x)) for x in windows]
     result, t0 = {}, time.perf_counter()
     for i, name in enumerate(candidates):
-        probe = load_probe(directory, weight_only(light, src, {name: options.precision}, options))
+        probe = load_probe(directory, weight_only(light, src, {name: options.precision}, options, activations))
         result[name] = mean_kl(reference, probe, windows)
         if (i + 1) % 10 == 0 or i + 1 == len(candidates):
             progress(f"mixed: sensitivity of {i + 1}/{len(candidates)} MatMuls measured "
@@ -74,7 +74,8 @@ def sensitivities(src: Path, light: onnx.ModelProto, candidates: list[str], opti
     return result
 
 
-def choose(src: Path, options, calibration_text: str, scratch: Path, progress) -> tuple[dict[str, str], dict]:
+def choose(src: Path, options, calibration_text: str, scratch: Path, progress, *,
+           activations=None) -> tuple[dict[str, str], dict]:
     """The MatMuls to keep at options.mixed, and the measurements behind the choice (for the manifest)."""
     light = onnx.load(str(src / GRAPH_FILE), load_external_data=False)
     head = lm_head(light)
@@ -82,7 +83,7 @@ def choose(src: Path, options, calibration_text: str, scratch: Path, progress) -
     reference = fastllm.load(src)
     ids = reference.encode(calibration_text)[: SEARCH_TOKENS + 1]
     directory = probe_directory(src, scratch)
-    kl = sensitivities(src, light, candidates, options, ids, directory, progress)
+    kl = sensitivities(src, light, candidates, options, ids, directory, progress, activations)
     order = sorted(candidates, key=lambda n: -kl[n])
     window = min(256, reference.manifest.max_context)
     base = perplexity(reference, ids, window=window).ppl
@@ -92,7 +93,7 @@ def choose(src: Path, options, calibration_text: str, scratch: Path, progress) -
         if k not in measured:
             assignment = {n: options.precision for n in order[k:]}
             assignment.update({n: options.mixed for n in order[:k] if options.mixed != "fp32"})
-            engine = load_probe(directory, weight_only(light, src, assignment, options))
+            engine = load_probe(directory, weight_only(light, src, assignment, options, activations))
             measured[k] = perplexity(engine, ids, window=window).ppl / base - 1
             progress(f"mixed: {k} kept in {options.mixed} -> calibration perplexity {measured[k]:+.2%}")
         return measured[k]

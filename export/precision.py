@@ -80,6 +80,11 @@ class QuantOptions:
     block_size: int | None = None  # None: the precision's default
     symmetric: bool = True
     accuracy_level: int = 4  # 4: int8 compute (VNNI / AMX on x86), 0: fp32 compute
+    # weight-only, symmetric (None: on there, off elsewhere): each block's scale fitted by weighted least squares
+    # (export/blockwise.py; False: ONNX Runtime's round-to-nearest), and activation-aware scaling from calibration
+    # text (export/activation_scaling.py), which also weighs the fit's error
+    fit_scales: bool | None = None
+    activation_aware: bool | None = None
     lm_head: bool = True  # quantize the LM head too
     embedding: bool = True  # quantize the embedding lookup (shares the LM head's bytes when tied)
     mixed: str | None = None  # one of KEEP: keep the most sensitive MatMuls there to meet the budget
@@ -119,6 +124,13 @@ class QuantOptions:
                                   f"choose {' or '.join(higher)}, got {self.mixed!r}")
             if self.method != "weight-only":
                 raise ExportError("--mixed works with weight-only quantization, not --method dynamic")
+        for name, flag in (("fit_scales", "--rtn"), ("activation_aware", "--no-activation-aware")):
+            value = getattr(self, name)
+            applies = self.method == "weight-only" and self.symmetric
+            if value is not None and not applies:
+                raise ExportError(f"{flag} ({name}) applies to symmetric weight-only quantization, not "
+                                  f"{'--method dynamic' if self.method != 'weight-only' else '--asymmetric'}")
+            object.__setattr__(self, name, applies if value is None else bool(value))
         if self.prefill is not None:
             if self.prefill not in PREFILL:
                 raise ExportError(f"--prefill takes {' or '.join(PREFILL)}, got {self.prefill!r}")

@@ -25,7 +25,11 @@ from fastllm.export.precision import QuantOptions
 from fastllm.export.quality import quality_report
 from fastllm.export.quantize import directory_size, quantize_model
 
-FASTLLM = {"int8": QuantOptions("int8"), "int4": QuantOptions("int4"), "int4-mixed": QuantOptions("int4", mixed="int8")}
+# the defaults (fitted scales, activation-aware), the same with ONNX Runtime's round-to-nearest and no calibration
+# (the defaults before them), blocks of 64 (int4 at Q4_0's bits), and mixed int4
+FASTLLM = {"int8": QuantOptions("int8"), "int8-rtn": QuantOptions("int8", fit_scales=False, activation_aware=False),
+           "int4": QuantOptions("int4"), "int4-rtn": QuantOptions("int4", fit_scales=False, activation_aware=False),
+           "int4-b64": QuantOptions("int4", block_size=64), "int4-mixed": QuantOptions("int4", mixed="int8")}
 BASELINES = ("q8_0", "q4_0", "q4_k")
 def measure(fp32_dir: Path, out: Path, settings: list[str], text: str, progress=print) -> dict:
     fp32_dir = Path(fp32_dir)

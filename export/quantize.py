@@ -18,6 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fastllm.errors import ExportError
+from fastllm.export.activation_scaling import scaled_copy
+from fastllm.export.calibration import activation_stats
 from fastllm.export.corpus import held_out_text, split
 from fastllm.export.mixed import choose
 from fastllm.export.optimize import optimize
@@ -29,7 +31,7 @@ from fastllm.export.trace import DATA_FILE, GRAPH_FILE, PREFILL_DATA_FILE, PREFI
 from fastllm.manifest import Manifest
 
 Progress = Callable[[str], None]
-ALGORITHMS = {"weight-only": "RTN block-wise, MatMulNBits (onnxruntime MatMulNBitsQuantizer)",
+ALGORITHMS = {"weight-only": "block-wise MatMulNBits (nodes by onnxruntime's MatMulNBitsQuantizer)",
               "dynamic": "per-channel int8 weights, activations quantized per call, MatMulInteger (onnxruntime "
                          "quantize_dynamic)"}
 
@@ -46,6 +48,8 @@ def calibration_text() -> str:
 def describe_options(options: QuantOptions) -> str:
     return (f"{options.precision} {options.method}"
             + (f", blocks of {options.block_size}, {'symmetric' if options.symmetric else 'asymmetric'}, "
+               f"{'fitted' if options.fit_scales else 'round-to-nearest'} scales"
+               f"{', activation-aware' if options.activation_aware else ''}, "
                f"accuracy level {options.accuracy_level}" if options.method == "weight-only" else "")
             + f", LM head {'quantized' if options.lm_head else 'fp32'}"
             + f", embedding {'quantized' if options.embedding else 'fp32'}"
@@ -63,7 +67,23 @@ def quantize(fp32: Path, tmp: Path, options: QuantOptions, *, text: str | None =
     for f in fp32.iterdir():
         if f.name in MODEL_FILES - {GRAPH_FILE, DATA_FILE} and f.is_file():  # a user's own files stay behind
             shutil.copy2(f, tmp / f.name)
-    kept, mixed = {}, None
+    kept, mixed, activations, scaling = {}, None, None, None
+    source = fp32  # what is quantized: fp32, or its activation-aware scaled copy (the same function)
+    if options.method == "weight-only" and options.symmetric and options.activation_aware:
+        if calibration is None:
+            calibration = calibration_text()
+        progress("calibration: the fp32 model's activations at each MatMul on calibration text (the corpus's "
+                 "training split)")
+        scratch = tmp / ".calibration"
+        scratch.mkdir()
+        try:
+            calibrated = activation_stats(fp32, calibration, scratch)
+        finally:
+            shutil.rmtree(scratch)
+        scaling = scaled_copy(fp32, tmp / ".scaled", calibrated, bits=options.bits, block=options.block_size,
+                              progress=progress)
+        source = fp32 if "skipped" in scaling else tmp / ".scaled"
+        activations = calibrated.mean_square
     if options.mixed:
         scratch = tmp / ".mixed"
         scratch.mkdir()
@@ -71,19 +91,27 @@ def quantize(fp32: Path, tmp: Path, options: QuantOptions, *, text: str | None =
             progress("mixed: calibration text from the corpus's training split (the standard library's docstrings)")
             calibration = calibration_text()
         progress(f"mixed: measuring each MatMul's sensitivity to {options.precision} on calibration text")
-        kept, mixed = choose(fp32, options, calibration, scratch, progress)
+        kept, mixed = choose(source, options, calibration, scratch, progress, activations=activations)
         shutil.rmtree(scratch)
         progress(f"mixed: keeping {len(kept)} of {mixed['candidates']} MatMuls in {options.mixed}")
     progress(f"quantize: {describe_options(options)}" + (f", {len(kept)} MatMuls in {options.mixed}" if mixed else ""))
-    graph = quantize_graph(fp32, tmp, options, kept=kept)
+    graph = quantize_graph(source, tmp, options, kept=kept, activations=activations)
+    if source != fp32:
+        shutil.rmtree(source)
     optimized = manifest.graph.optimized
     if manifest.graph.kind == "fused":
         progress("optimize: onnxruntime graph passes for cpu on the quantized graph, saved with the model")
         optimized = optimize(tmp, target="cpu")
-    quantization = {"method": options.method, "bits": options.bits, "algorithm": ALGORITHMS[options.method],
+    algorithm = ALGORITHMS[options.method] + (
+        (", activation-aware scaling (AWQ-style) from calibration text" if options.activation_aware else "")
+        + (", scales fitted by weighted least squares" if options.fit_scales else ", round-to-nearest scales")
+        if options.method == "weight-only" else "")
+    quantization = {"method": options.method, "bits": options.bits, "algorithm": algorithm,
                     "options": {k: v for k, v in asdict(options).items() if k != "precision"}, **graph}
     if mixed:
         quantization["mixed_precision"] = mixed
+    if scaling:
+        quantization["activation_aware"] = scaling
     prefill = None
     if options.prefill and manifest.graph.kind != "fused":
         raise ExportError(f"--prefill needs the fused graph (its slots bind one KV buffer to both graphs); {fp32} "

@@ -13,12 +13,16 @@ Methods (all through ONNX Runtime's quantization tools, round-to-nearest):
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor
 
 from fastllm.errors import ExportError
+from fastllm.export import blockwise
 from fastllm.export.precision import PRECISIONS, QuantOptions, fit_block
 from fastllm.export.quantized_embedding import quantize_embedding
 from fastllm.export.trace import DATA_FILE, GRAPH_FILE
@@ -59,12 +63,16 @@ def load_weights(model: onnx.ModelProto, base: Path, names) -> None:
             del tensor.external_data[:]
 
 
-def weight_only(light: onnx.ModelProto, base: Path, assignment: dict[str, str], options: QuantOptions
-                ) -> onnx.ModelProto:
+def weight_only(light: onnx.ModelProto, base: Path, assignment: dict[str, str], options: QuantOptions,
+                activations: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """A copy of `light` (graph loaded without its data, next to `base`) with each MatMul named in `assignment`
     quantized to its precision ("int4", "int8"); the new weights are held in memory, the untouched ones still refer
     to base's data. options' block size applies to its own precision, the others get their default; either is
-    fitted to each matrix's rows (fit_block)."""
+    fitted to each matrix's rows (fit_block).
+
+    ONNX Runtime's MatMulNBitsQuantizer builds the nodes; with options.fit_scales (symmetric only) their weights
+    are then written again by export/blockwise.py with each block's scale fitted, weighing each input feature's
+    error by `activations` ({MatMul name: (K,) mean x^2}, export/calibration.py) where given."""
     import logging
 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -79,15 +87,41 @@ def weight_only(light: onnx.ModelProto, base: Path, assignment: dict[str, str], 
     for name, precision in assignment.items():
         block = options.block_size if precision == options.precision else PRECISIONS[precision].block_size
         groups.setdefault((precision, fit_block(block, rows[nodes[name].input[1]])), []).append(name)
+    fit = options.fit_scales and options.symmetric
     for (precision, block), group in sorted(groups.items()):
         load_weights(model, base, [nodes[name].input[1] for name in group])
-        quantizer = MatMulNBitsQuantizer(model, bits=PRECISIONS[precision].bits, block_size=block,
-                                         is_symmetric=options.symmetric,
+        originals = {}
+        if fit:
+            inits = {t.name: t for t in model.graph.initializer}
+            originals = {name: numpy_helper.to_array(inits[nodes[name].input[1]]) for name in group}
+        bits = PRECISIONS[precision].bits
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=options.symmetric,
                                          accuracy_level=options.accuracy_level,
                                          nodes_to_exclude=[n for n in nodes if n not in group])
         quantizer.process()
         model = quantizer.model.model
+        if fit:
+            refit(model, originals, bits, block, activations or {})
     return model
+
+
+def refit(model: onnx.ModelProto, originals: dict[str, np.ndarray], bits: int, block: int,
+          activations: dict[str, np.ndarray]) -> None:
+    """Write the weights and scales of the MatMulNBits nodes made from the MatMuls `originals` ({name: fp32 (K, N)})
+    again with fitted scales (export/blockwise.py), in place: same initializers, same shapes."""
+    made = {n.name: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+    inits = {t.name: t for t in model.graph.initializer}
+    for name, weight in originals.items():
+        node = made.get(f"{name}_Q{bits}")
+        if node is None:
+            raise ExportError(f"MatMulNBitsQuantizer made no node {name}_Q{bits} from {name}")
+        packed, scales = blockwise.quantize(weight, bits, block, activations=activations.get(name))
+        for index, array in ((1, packed), (2, scales)):
+            tensor = inits[node.input[index]]
+            if math.prod(tensor.dims) != array.size:
+                raise ExportError(f"{node.name}: {tensor.name} has shape {tuple(tensor.dims)}, the fit made "
+                                  f"{array.shape}")
+            tensor.CopyFrom(numpy_helper.from_array(array.reshape(tuple(tensor.dims)), tensor.name))
 
 
 def dynamic_int8(model: onnx.ModelProto, scratch: Path, exclude: list[str]) -> onnx.ModelProto:
@@ -105,10 +139,12 @@ def dynamic_int8(model: onnx.ModelProto, scratch: Path, exclude: list[str]) -> o
     return onnx.load(str(path), load_external_data=True)
 
 
-def quantize_graph(src: Path, out: Path, options: QuantOptions, *, kept: dict[str, str] | None = None) -> dict:
+def quantize_graph(src: Path, out: Path, options: QuantOptions, *, kept: dict[str, str] | None = None,
+                   activations: dict[str, np.ndarray] | None = None) -> dict:
     """Write src's graph quantized into out/model.onnx (+ data); returns what was done, for the manifest.
 
-    kept: MatMul name -> "int8" | "fp32" for the nodes mixed precision keeps higher.
+    kept: MatMul name -> "int8" | "fp32" for the nodes mixed precision keeps higher; activations: per MatMul the
+    calibration activations' mean x^2 per input feature, weighing the fitted scales' error (weight_only).
     """
     light = onnx.load(str(src / GRAPH_FILE), load_external_data=False)
     nodes = weight_matmuls(light)
@@ -124,7 +160,8 @@ def quantize_graph(src: Path, out: Path, options: QuantOptions, *, kept: dict[st
         load_weights(light, src, [t.name for t in light.graph.initializer])
         model = dynamic_int8(light, out, exclude=with_data)
     else:
-        model = weight_only(light, src, {name: p for name, p in precision.items() if p != "fp32"}, options)
+        model = weight_only(light, src, {name: p for name, p in precision.items() if p != "fp32"}, options,
+                            activations)
         load_weights(model, src, [t.name for t in model.graph.initializer])
     embedding = {"quantized": False, "reason": "--keep-embedding"}
     head_node = lm_head(model)  # None after dynamic quantization (the head ends in a scaling Mul)
