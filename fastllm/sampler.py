@@ -233,6 +233,8 @@ class TokenHistory:
         self._counts = np.zeros(capacity, dtype=np.int32)  # (capacity,): times generated, aligned with _ids
         self._size = prompt.size
         self._index = dict(zip(prompt.tolist(), range(prompt.size)))  # id -> its position in _ids
+        self._term: np.ndarray | None = None  # (capacity,) float32: the presence/frequency subtrahend (`term`)
+        self._term_key: tuple[float, float] | None = None  # the (presence, frequency) it was made for
 
     def add(self, token: int) -> None:
         at = self._index.get(token)
@@ -240,10 +242,26 @@ class TokenHistory:
             if self._size == self._ids.size:
                 self._ids = np.concatenate([self._ids, np.zeros_like(self._ids)])
                 self._counts = np.concatenate([self._counts, np.zeros_like(self._counts)])
+                if self._term is not None:
+                    self._term = np.concatenate([self._term, np.zeros_like(self._term)])
             at = self._index[token] = self._size
             self._ids[at] = token
             self._size += 1
         self._counts[at] += 1
+        if self._term is not None:  # kept up to date: the same arithmetic as `term` makes for every id
+            presence, frequency = self._term_key
+            count = int(self._counts[at])
+            self._term[at] = presence * (count > 0) + frequency * count
+
+    def term(self, presence: float, frequency: float) -> np.ndarray:
+        """(n,) float32, aligned with `ids`: presence * [count > 0] + frequency * count (the OpenAI penalties'
+        subtrahend), computed once for these two values and then updated by `add` one id at a time."""
+        if self._term_key != (presence, frequency):
+            self._term = np.zeros(self._ids.size, dtype=np.float32)
+            counts = self.counts
+            self._term[: self._size] = (presence * (counts > 0) + frequency * counts).astype(np.float32)
+            self._term_key = (presence, frequency)
+        return self._term[: self._size]
 
     @property
     def ids(self) -> np.ndarray:
@@ -257,16 +275,17 @@ class TokenHistory:
 
 
 def penalised(values: np.ndarray, params: SamplingParams, history: TokenHistory) -> np.ndarray:
-    """The logits `values` of history.ids after the penalties (a new float32 array)."""
-    if params.repetition_penalty != 1.0:
-        values = np.where(values > 0, values / np.float32(params.repetition_penalty),
-                          values * np.float32(params.repetition_penalty))
+    """The logits `values` of history.ids after the penalties (a new float32 array): a positive value divided by
+    the repetition penalty, any other multiplied, then the presence/frequency term subtracted (float32)."""
+    rep = np.float32(params.repetition_penalty)
+    if rep != 1.0:
+        out = values * rep
+        np.divide(values, rep, out=out, where=values > 0)
     else:
-        values = values.copy()
+        out = values.copy()
     if params.presence_penalty or params.frequency_penalty:
-        counts = history.counts
-        values -= (params.presence_penalty * (counts > 0) + params.frequency_penalty * counts).astype(np.float32)
-    return values
+        out -= history.term(params.presence_penalty, params.frequency_penalty)
+    return out
 
 
 def apply_penalties(logits: np.ndarray, params: SamplingParams, history: TokenHistory | None) -> np.ndarray:
@@ -299,11 +318,17 @@ def _candidates(x: np.ndarray, n: int) -> np.ndarray:
     return ids if ids.size >= n else np.arange(x.size)
 
 
+_SORT_FEW = 512  # candidates up to this many are sorted whole for the n largest; more are partitioned first
+
+
 def _top(x: np.ndarray, n: int, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The n largest entries of x (vocab,): (ids, values), largest first, ties by id. ids: candidates already
     found for at least n (`_candidates`, in id order), else found here."""
     ids = _candidates(x, n) if ids is None else ids
     values = x[ids]
+    if ids.size <= _SORT_FEW:  # a few candidates: one stable sort by value (ids ascending: ties by id)
+        order = np.argsort(-values, kind="stable")[:n]
+        return ids[order], values[order]
     if ids.size > n:
         kth = np.partition(values, ids.size - n)[ids.size - n]  # the n-th largest value
         keep = values > kth
@@ -533,10 +558,7 @@ class Sampler:
         else:
             values = values.copy()
         if any(p.presence_penalty or p.frequency_penalty for _, p, _ in hit):
-            counts = np.concatenate([h.counts for _, _, h in hit])
-            presence = np.repeat([float(p.presence_penalty) for _, p, _ in hit], sizes)
-            frequency = np.repeat([float(p.frequency_penalty) for _, p, _ in hit], sizes)
-            values -= (presence * (counts > 0) + frequency * counts).astype(np.float32)
+            values -= np.concatenate([h.term(p.presence_penalty, p.frequency_penalty) for _, p, h in hit])
         flat[index] = values
 
         def put_back():
@@ -548,8 +570,8 @@ class Sampler:
         """The rows of x (n, vocab), already penalised: the shared passes, the draws over the whole temperature
         distribution (plain temperature, top-p by rejection) of all rows at once, then each other row's draw."""
         n, vocab = len(rows), x.shape[1]
-        if n == 1 and params[0].logprobs is None and (params[0].greedy or _draws_whole(params[0], vocab)):
-            return self._sample_row(x[rows[0] : rows[0] + 1], params[0], rngs[0]), [None]
+        if n == 1 and (params[0].greedy or _draws_whole(params[0], vocab)):
+            return self._sample_row(x[rows[0] : rows[0] + 1], params[0], rngs[0])
         ids = np.empty(n, dtype=np.int64)
         logprobs: list[TokenLogprob | None] = [None] * n
         greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -588,18 +610,33 @@ class Sampler:
             self._exp, self._exp_at, self._ready, self._row = own, (self._exp_rows, 0), None, None
         return ids, logprobs
 
-    def _sample_row(self, x: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> np.ndarray:
-        """The common step of one request, greedy or drawn from the whole temperature distribution, without
-        logprobs: what the general path does for it (the same passes and draw), with fewer Python steps."""
-        if params.greedy:
-            return x.argmax(axis=1)
+    def _sample_row(self, x: np.ndarray, params: SamplingParams,
+                    rng: np.random.Generator) -> tuple[np.ndarray, list[TokenLogprob | None]]:
+        """The common step of one request, greedy or drawn from the whole temperature distribution, with or
+        without logprobs: what the general path does for it (the same passes, draw and logprob arithmetic), with
+        fewer Python steps."""
+        if params.greedy and params.logprobs is None:
+            return x.argmax(axis=1), [None]
         if self._block is None:
             self._block = np.empty((8, x.shape[1]), dtype=np.float32)
-        scale = 1.0 / params.temperature
+        t = params.temperature or 1.0
+        scale = 1.0 / t
         top = float(x.max()) * scale
+        offset = _offset(top)
         cumulative = np.empty((1, x.shape[1] // self._blk + 1))
-        self._exp_into(x, [scale], [_offset(top)], self._block, 0, 1, cumulative)
-        return self._draw_whole([0], [params.top_p], [rng], cumulative)
+        self._exp_into(x, [scale], [offset], self._block, 0, 1, cumulative)
+        if params.greedy:
+            ids = x.argmax(axis=1)
+        else:
+            ids = self._draw_whole([0], [params.top_p], [rng], cumulative)
+        if params.logprobs is None:
+            return ids, [None]
+        row, token = x[0], int(ids[0])
+        shift = t * (offset + math.log(cumulative[0, -1]))  # log-softmax(x / t) = (x - shift) / t
+        top_ids, top_values = _top(row, params.logprobs) if params.logprobs else ((), ())
+        alternatives = tuple(zip(np.asarray(top_ids).tolist(), ((np.asarray(top_values, dtype=np.float64) - shift)
+                                                                  / t).tolist()))
+        return ids, [TokenLogprob(token, (float(row[token]) - shift) / t, alternatives)]
 
     def _draw_whole(self, ks: list[int], top_p: list[float], rngs: list[np.random.Generator],
                     cumulative: np.ndarray, first: list[float] | None = None) -> np.ndarray:

@@ -68,6 +68,13 @@ def test_in_place_and_each_call_reads_what_the_buffers_hold_now():
     np.testing.assert_allclose(buffer[1], np.exp(-1.0), rtol=2e-6)
     np.testing.assert_allclose(one, vocab * np.exp(-1.0), rtol=1e-5)
     np.testing.assert_allclose(buffer[[0, 2]], np.exp(2.0), rtol=2e-6)
+    second[:] = 0.25  # the same input memory rewritten (a decode loop's logits buffer): read afresh
+    kernel.scaled(second, 4.0, buffer, 1, 2, one)
+    np.testing.assert_allclose(buffer[1], np.e, rtol=2e-6)
+    kernel.scaled(second[:, :], 1.0, buffer, 1, 2, one)  # a new view of that memory
+    np.testing.assert_allclose(buffer[1], np.exp(0.25), rtol=2e-6)
+    kernel.scaled(first, 1.0, buffer, 1, 2, one)  # and back to the first array
+    np.testing.assert_allclose(buffer[1], np.exp(0.5), rtol=2e-6)
 
 
 def test_buffers_it_cannot_bind_are_refused():

@@ -382,6 +382,21 @@ def test_history_is_compact():
     assert sorted(zip(h.ids.tolist(), h.counts.tolist())) == [(3, 1), (5, 0), (7, 3), (9, 0)]
 
 
+def test_history_keeps_the_penalty_term_up_to_date():
+    """The presence/frequency subtrahend, made once and then updated per added token (through growth past the
+    first capacity), equals the formula over the counts; other penalty values make it anew."""
+    h = TokenHistory(V, [5, 3, 5, 9])
+    rng = np.random.default_rng(3)
+    assert h.term(0.5, -0.25).tolist() == [0.0, 0.0, 0.0]
+    for token in rng.integers(0, 200, 300).tolist():
+        h.add(token)
+        if token % 7 == 0:
+            expected = (0.5 * (h.counts > 0) + -0.25 * h.counts).astype(np.float32)
+            np.testing.assert_array_equal(h.term(0.5, -0.25), expected)
+    assert h.ids.size > 64
+    np.testing.assert_array_equal(h.term(1.5, 2.0), (1.5 * (h.counts > 0) + 2.0 * h.counts).astype(np.float32))
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "read_only"])
 def test_a_batch_with_its_own_params_per_row_samples_each_row_as_alone(layout):
     """Rows in any order with different params (temperatures, filters, penalties, logprobs) get, together, the
