@@ -134,3 +134,34 @@ def test_bench_puts_fastllm_beside_llama_cpp_at_the_same_bits(tmp_path):
     assert "fastllm ÷ llama.cpp at the same bits per weight" in text
     line = next(x for x in text.splitlines() if x.startswith("| fastllm fused int4 | llama.cpp q4_0"))
     assert float(line.split("|")[-2]) > 0  # the TPOT ratio
+
+
+def test_matrix_bits_count_the_matrices_of_a_gguf_file(tmp_path):
+    pytest.importorskip("gguf")
+    from fastllm.bench.gguf_export import write_gguf
+    from fastllm.bench.llamacpp_quality import matrix_bits
+
+    _, hf = _hf(tmp_path, "LlamaForCausalLM")
+    bits, size = matrix_bits(write_gguf(hf, tmp_path / "model-f32.gguf", max_context=256))
+    assert bits == 32.0 and size == (tmp_path / "model-f32.gguf").stat().st_size
+
+
+def test_llama_cpp_quality_on_the_bundled_model(tmp_path):
+    """llama.cpp's f32 file scores the held-out text as fastllm's fp32 export does; its q8_0 loses a little."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("llama_cpp")
+    from pathlib import Path
+
+    from fastllm.bench import llamacpp_quality
+
+    root = Path(__file__).resolve().parents[1]
+    assert llamacpp_quality.main([str(root / "models" / "pydoc-llama"), str(root / "fastllm" / "data" / "pydoc-llama"),
+                                  "--out", str(tmp_path / "out"), "--types", "f32,q8_0"]) == 0
+    import json
+
+    f32, q8 = json.loads((tmp_path / "out" / "llamacpp_quality.json").read_text())["rows"]
+    assert f32["mean_kl"] < 1e-5 and abs(f32["relative_increase"]) < 1e-3 and f32["bits_per_weight"] == 32.0
+    assert f32["mean_kl"] < q8["mean_kl"] < 1e-2 and q8["bits_per_weight"] == 8.5
+    with pytest.raises(SystemExit):  # never over an earlier result
+        llamacpp_quality.main([str(root / "models" / "pydoc-llama"), str(root / "fastllm" / "data" / "pydoc-llama"),
+                               "--out", str(tmp_path / "out")])
