@@ -30,6 +30,7 @@ import fastllm
 from fastllm.bench.errors import BenchError
 from fastllm.export.corpus import held_out_text
 from fastllm.export.quality import EVAL_TOKENS, LOOP_TOKENS, ends_in_loop, probe_prompts, sequences_perplexity
+from fastllm.export.quality_table import quality_cells
 from fastllm.score import log_softmax, prompt_logits
 
 TYPES = ("f32", "q8_0", "q4_0", "q4_k_m")
@@ -137,10 +138,10 @@ def markdown(result: dict) -> str:
               "greedy identical / agreeing prefix (of 32) | loops in 128 tokens (fp32) |"),
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['type']} | {r['kv_cache']} | {r['bits_per_weight']:.2f} | {r['file_bytes'] / 1e6:.1f} | "
-                     f"{r['perplexity']:.3f} ({r['relative_increase']:+.2%}) | {r['mean_kl']:.2e} | "
-                     f"{r['greedy_identical']}/{result['prompts']}, {r['mean_agreeing_prefix']:.1f} | "
-                     f"{r['loops']}/{result['prompts']} ({r['fp32_loops']}) |")
+        lines.append(f"| {r['type']} | {r['kv_cache']} | " + quality_cells(
+            r["bits_per_weight"], r["file_bytes"], r["perplexity"], r["relative_increase"], r["mean_kl"],
+            r["greedy_identical"], result["prompts"], r["mean_agreeing_prefix"],
+            f"{r['loops']}/{result['prompts']} ({r['fp32_loops']})"))
     return "\n".join(lines) + "\n"
 
 

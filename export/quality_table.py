@@ -79,11 +79,17 @@ def markdown(results: list[dict]) -> str:
                              f"{_loops(row, r)} |")
                 continue
             p, g = row["perplexity"], row["greedy"]
-            lines.append(f"| {name} | {setting} | {row['bits_per_weight']:.2f} | {row['size_bytes'] / 1e6:.1f} | "
-                         f"{p['quantized']:.3f} ({p['relative_increase']:+.2%}) | {row['kl']:.2e} | "
-                         f"{g['identical']}/{g['prompts']}, {g['mean_agreeing_prefix']:.1f} | "
-                         f"{_loops(row, r)} |")
+            lines.append(f"| {name} | {setting} | " + quality_cells(
+                row["bits_per_weight"], row["size_bytes"], p["quantized"], p["relative_increase"], row["kl"],
+                g["identical"], g["prompts"], g["mean_agreeing_prefix"], _loops(row, r)))
     return "\n".join(lines) + "\n"
+
+
+def quality_cells(bits: float, size_bytes: int, ppl: float, increase: float, kl: float, identical: int,
+                  prompts: int, agreeing_prefix: float, loops: str) -> str:
+    """The table's cells from bits/weight to loops, as every quality table here writes them."""
+    return (f"{bits:.2f} | {size_bytes / 1e6:.1f} | {ppl:.3f} ({increase:+.2%}) | {kl:.2e} | "
+            f"{identical}/{prompts}, {agreeing_prefix:.1f} | {loops} |")
 
 
 def main(argv: list[str] | None = None) -> int:
