@@ -7,6 +7,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+from fastllm import native
+
 PACKAGES = ("fastllm", "numpy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "torch", "transformers", "onnx",
             "optimum", "onnxruntime-genai", "llama-cpp-python", "gguf")
 
@@ -53,6 +55,7 @@ def machine() -> dict:
         "memory_bytes": _memory_bytes(),
         "os": platform.platform(),
         "python": platform.python_version(),
+        "sampler": native.description(),  # C kernels or numpy + ONNX Runtime: sampled timings depend on it
     }
 
 

@@ -56,6 +56,7 @@ def test_sampler(benchmark, params):
 
 
 SAMPLED = 0.8  # the temperature of every sampled mode
+THREADS = 2  # the sampler's threads (an engine gives it its own count): as `fastllm bench --threads 2` runs
 MODES = {
     "greedy": SamplingParams(),
     "temperature": SamplingParams(temperature=SAMPLED),
@@ -87,7 +88,7 @@ def _rows(vocab: int, batch: int):
 def test_sampler_per_step(benchmark, mode, batch, vocab):
     """One Sampler.sample call (one engine step) over `batch` rows; per token = the time / batch."""
     logits, rngs, histories = _rows(vocab, batch)
-    sampler = Sampler(vocab)
+    sampler = Sampler(vocab, threads=THREADS)
     benchmark.extra_info["per_token_us"] = None
     ids, logprobs = benchmark(sampler.sample, logits, MODES[mode], rngs, histories)
     benchmark.extra_info["per_token_us"] = benchmark.stats.stats.min / batch * 1e6
@@ -101,7 +102,7 @@ def test_sampler_per_step_mixed(benchmark, vocab):
     row of the logits block (the scheduler passes `rows`): compare with the modes' 1-row times."""
     logits, rngs, histories = _rows(vocab, 16)
     params = [MODES[name] for name in MODES] * 2  # (16,) one per row of logits
-    sampler = Sampler(vocab)
+    sampler = Sampler(vocab, threads=THREADS)
     ids, logprobs = benchmark(sampler.sample, logits, params, rngs, histories, rows=range(0, 16, 2))
     assert ids.shape == (8,) and ((0 <= ids) & (ids < vocab)).all()
     assert [lp is None for lp in logprobs] == [params[row].logprobs is None for row in range(0, 16, 2)]

@@ -2,10 +2,11 @@
 
 The cost per token is a small fraction of a decode step at any vocabulary size: the logits stay float32 and are
 read in place (penalties write the seen ids and put them back); the one full pass that needs a transcendental,
-exp(logits / T) with its block sums, runs in ONNX Runtime (`exp_kernel`: vectorised where numpy's exp is not, and
-the rows of a step split over its threads); plain temperature and top-p draw from that by inverse CDF (top-p by
-rejection: a draw is kept when the mass ahead of it is below top-p); top-k / min-p / a small top-p work on a
-bounded candidate set found from a threshold, never by sorting the vocabulary.
+exp(logits / T) with its running block sums, runs in the C kernels (`native`: vectorised, a large step's rows split
+over helper threads) or, where they are not built, in ONNX Runtime (`exp_kernel`); plain temperature and top-p draw
+from that by inverse CDF (top-p by rejection: a draw is kept when the mass ahead of it is below top-p, one C pass);
+logprobs' alternatives are one C selection pass; top-k / min-p / a small top-p work on a bounded candidate set found
+from a threshold, never by sorting the vocabulary.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastllm import native
 from fastllm.errors import InvalidParameterError
-from fastllm.exp_kernel import ExpKernel, block_size
+from fastllm.exp_kernel import _SPLIT_FROM, ExpKernel, block_size
+
+native_lib = native.lib  # the C kernels a new Sampler uses, or None (then numpy and the ONNX Runtime exp kernel)
+_NATIVE_TOP = 64  # the most alternatives the C top-k selection keeps (logprobs ask for <= MAX_LOGPROBS)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -460,6 +465,11 @@ class Sampler:
         self._ready: float | None = None  # the temperature _exp and _cumulative hold the current row at, if any
         self._found: tuple[int, np.ndarray] | None = None  # (n, _candidates(row, n)) of the current row, if any
         self._block: np.ndarray | None = None  # (rows, vocab) float32: the exp of the rows of a step
+        self._lib = native_lib  # the C kernels, or None
+        self._addresses: dict[int, tuple[np.ndarray, int]] = {}  # id(scratch) -> (it, its address) for the C calls
+        self._scale_offset = np.empty((2, 8), dtype=np.float32)  # the C exp's per-row scales and offsets
+        self._top_ids = np.empty(_NATIVE_TOP, dtype=np.int64)  # the C top-k selection's outputs
+        self._top_values = np.empty(_NATIVE_TOP, dtype=np.float32)
 
     def sample(self, logits: np.ndarray, params: SamplingParams | Sequence[SamplingParams],
                rngs: Sequence[np.random.Generator], histories: Sequence[TokenHistory | None] | None = None, *,
@@ -633,7 +643,7 @@ class Sampler:
             return ids, [None]
         row, token = x[0], int(ids[0])
         shift = t * (offset + math.log(cumulative[0, -1]))  # log-softmax(x / t) = (x - shift) / t
-        top_ids, top_values = _top(row, params.logprobs) if params.logprobs else ((), ())
+        top_ids, top_values = self._top(row, params.logprobs) if params.logprobs else ((), ())
         alternatives = tuple(zip(np.asarray(top_ids).tolist(), ((np.asarray(top_values, dtype=np.float64) - shift)
                                                                   / t).tolist()))
         return ids, [TokenLogprob(token, (float(row[token]) - shift) / t, alternatives)]
@@ -687,8 +697,12 @@ class Sampler:
         while block > 0 and cumulative[block] == cumulative[block - 1]:  # an empty block (rounding at the end)
             block -= 1
         segment = self._block[k, block * self._blk : (block + 1) * self._blk]
-        inside = segment.cumsum(dtype=np.float64)
-        at = int(inside.searchsorted(target - (cumulative[block - 1] if block else 0.0), side="right"))
+        before = cumulative[block - 1] if block else 0.0
+        if self._lib is not None:  # the same running float64 sum and search in one C loop
+            at = self._lib.fl_search(self._address(self._block) + (k * self.vocab_size + block * self._blk) * 4,
+                                     segment.size, target - before)
+        else:
+            at = int(segment.cumsum(dtype=np.float64).searchsorted(target - before, side="right"))
         if at >= segment.size:  # rounding past the block's end: its last likely token
             at = int(np.flatnonzero(segment)[-1])
         return block * self._blk + at
@@ -697,6 +711,9 @@ class Sampler:
         """`_inside` for the one row k of self._block, the same arithmetic in fewer numpy calls."""
         row = self._block[k]
         w = row[token]
+        if self._lib is not None:
+            reaching = self._lib.fl_reaching(self._address(self._block) + k * row.strides[0], row.size, float(w))
+            return reaching - float(w) < need or _inside_with_ties(row, token, reaching, need)
         if self._mask is None or self._mask.shape[0] < self._block.shape[0]:
             self._mask = np.empty_like(self._block)
         mask = self._mask[0]
@@ -712,13 +729,18 @@ class Sampler:
         e = self._block
         weights = e[ks, tokens]  # (m,)
         reaching = np.empty(ks.size, dtype=np.float32)  # the token, its ties and everything larger
-        if self._mask is None or self._mask.shape[0] < self._block.shape[0]:
-            self._mask = np.empty_like(self._block)
-        for start, stop in _runs(ks.tolist()):
-            lo, hi = int(ks[start]), int(ks[stop - 1]) + 1
-            mask = self._mask[: hi - lo]
-            np.greater_equal(e[lo:hi], weights[start:stop, None], out=mask, casting="unsafe")
-            np.matmul(e[lo:hi, None, :], mask[:, :, None], out=reaching[start:stop, None, None])
+        if self._lib is not None:  # one C pass per row
+            base, stride = self._address(e), e.strides[0]
+            reaching = np.array([self._lib.fl_reaching(base + k * stride, e.shape[1], w)
+                                 for k, w in zip(ks.tolist(), weights.tolist())])
+        else:
+            if self._mask is None or self._mask.shape[0] < self._block.shape[0]:
+                self._mask = np.empty_like(self._block)
+            for start, stop in _runs(ks.tolist()):
+                lo, hi = int(ks[start]), int(ks[stop - 1]) + 1
+                mask = self._mask[: hi - lo]
+                np.greater_equal(e[lo:hi], weights[start:stop, None], out=mask, casting="unsafe")
+                np.matmul(e[lo:hi, None, :], mask[:, :, None], out=reaching[start:stop, None, None])
         ahead = reaching.astype(np.float64) - weights  # an upper bound of the mass ahead (ties after it included)
         inside = ahead < needs
         for j in np.flatnonzero(~inside).tolist():
@@ -755,7 +777,19 @@ class Sampler:
                   stop: int, cumulative: np.ndarray) -> None:
         """buffer[start:stop] = exp(x * scale - offset) for the rows x (stop - start, vocab), and `cumulative`
         (stop - start, blocks + 1) float64 = their block cumsums (the last entry the normaliser). The exp kernel
-        multiplies, exponentiates and sums the blocks in one call; rows with an offset (rare) are shifted here."""
+        multiplies, exponentiates and sums the blocks in one call; rows with an offset (rare) are shifted here.
+        The C kernel (where built) does all of it, the running sums included, in one pass per row."""
+        if self._lib is not None and x.dtype == np.float32 and x.strides[1] == 4:
+            rows, so = stop - start, self._scale_offset
+            if so.shape[1] < rows:
+                so = self._scale_offset = np.empty((2, rows), dtype=np.float32)
+            so[0, :rows], so[1, :rows] = scales, offsets
+            scale_at = self._address(so)
+            threads = 1 if rows * x.shape[1] < _SPLIT_FROM else self.threads  # as the ONNX Runtime kernel splits
+            self._lib.fl_exp_rows(x.ctypes.data, x.strides[0] // 4, self._address(buffer) + start * buffer.strides[0],
+                                  buffer.strides[0] // 4, rows, x.shape[1], scale_at, scale_at + so.strides[0],
+                                  self._blk, cumulative.ctypes.data, threads)
+            return
         kernel, blocks = self._exp_kernel(), x.shape[1] // self._blk
         sums = None
         if self._summed:
@@ -781,6 +815,24 @@ class Sampler:
                                                self._ones)
             cumulative[:, blocks] = e[:, blocks * self._blk :].sum(axis=1)
         cumulative.cumsum(axis=1, out=cumulative)
+
+    def _address(self, scratch: np.ndarray) -> int:
+        """The address of one of the sampler's own buffers (looked up once; they live as long as the sampler)."""
+        known = self._addresses.get(id(scratch))
+        if known is None or known[0] is not scratch:
+            if len(self._addresses) > 16:  # buffers grown since: let the old ones go
+                self._addresses.clear()
+            known = self._addresses[id(scratch)] = (scratch, scratch.ctypes.data)
+        return known[1]
+
+    def _top(self, x: np.ndarray, n: int, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`_top(x, n, ids)`: by the C selection (one pass over x) where it is built and n is small."""
+        if self._lib is None or n > _NATIVE_TOP or x.dtype != np.float32 or x.strides[0] != 4:
+            return _top(x, n, ids)
+        got = self._lib.fl_top(x.ctypes.data, x.size, n, self._address(self._top_ids), self._address(self._top_values))
+        if got < n:  # fewer than n entries above -inf (NaN never counts): numpy's order for the rest
+            return _top(x, n, ids)
+        return self._top_ids[:n].copy(), self._top_values[:n].copy()
 
     def _exp_kernel(self) -> ExpKernel:
         """The exp kernel's session, made on first use (greedy decoding never needs it)."""
@@ -899,7 +951,7 @@ class Sampler:
         cumulative = self._exp_row(x, xmax, t)
         shift = t * (self._offset + math.log(cumulative[-1]))  # log-softmax(x / t) = (x - shift) / t
         found = self._found[1] if self._found is not None and self._found[0] >= params.logprobs else None
-        top_ids, top_values = _top(x, params.logprobs, found) if params.logprobs else ((), ())
+        top_ids, top_values = self._top(x, params.logprobs, found) if params.logprobs else ((), ())
         return TokenLogprob(token, (float(x[token]) - shift) / t,
                             tuple((int(i), (float(v) - shift) / t) for i, v in zip(top_ids, top_values)))
 

@@ -4,7 +4,31 @@ from __future__ import annotations
 
 import pytest
 
+from fastllm import native, sampler
 from fastllm.export.tiny import TINY_ARCHITECTURES, build_tiny, train_tokenizer
+
+# The sampler runs on its C kernels where they are built and on numpy + ONNX Runtime where they are not: the tests of
+# these modules that drive a Sampler directly run both ways (those through an engine run what the engine loaded).
+BOTH_SAMPLER_BACKENDS = {"test_sampler"}
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.module.__name__.rpartition(".")[2] in BOTH_SAMPLER_BACKENDS and \
+            "engines" not in metafunc.fixturenames:
+        metafunc.parametrize("sampler_backend", ["c", "numpy"], indirect=True)
+
+
+@pytest.fixture
+def sampler_backend(request, monkeypatch):
+    """The sampler's backend for Samplers made in this test: "c" (the default) or "numpy"."""
+    backend = getattr(request, "param", "c")
+    if backend == "c":
+        assert native.lib is not None, "the C sampling kernels are not built: scripts/setup.sh (pip) builds them"
+    else:
+        monkeypatch.setattr(sampler, "native_lib", None)
+    sampler._local.__dict__.pop("samplers", None)  # the module functions' cached Samplers: made anew
+    yield backend
+    sampler._local.__dict__.pop("samplers", None)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,12 @@ from fastllm.sampler import Sampler, SamplingParams, TokenHistory, apply_penalti
 LOGITS = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05], dtype=np.float32))  # softmax = these probabilities
 
 
+@pytest.fixture(autouse=True)
+def _backend(sampler_backend):
+    """Every test here on the sampler backend it is parametrized with (conftest.py), the engine tests on "c"."""
+    return sampler_backend
+
+
 def params(**kw) -> SamplingParams:
     return SamplingParams(temperature=kw.pop("temperature", 1.0), **kw)
 

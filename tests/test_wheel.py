@@ -18,26 +18,30 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOORS = Path(__file__).with_name("floors.txt")
 
 
-def run(*command, cwd, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+def run(*command, cwd, timeout=600, env=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")} | (env or {})
     out = subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, text=True, env=env, check=False,
                          timeout=timeout)
     assert out.returncode == 0, f"{command} exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    """Built from a copy of the sources (a build in the checkout would reuse a stale build/ folder)."""
+def build_wheel(tmp_path_factory, **env) -> Path:
+    """Built from a copy of the sources (a build in the checkout would reuse a stale build/ folder or the editable
+    install's compiled kernels); env: variables for the build (CC=false: a machine without a C compiler)."""
     source, dist = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("dist")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source)
     for name in ("fastllm", "export", "kernels", "bench", "train", "serve"):
-        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, source,
-        cwd=dist)
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "results", "*.so"))
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, source, cwd=dist, env=env)
     (path,) = dist.glob("fastllm-*.whl")
     return path
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    return build_wheel(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +91,19 @@ def test_installed_wheel_generates_with_the_bundled_model(installed, tmp_path):
 
     expected = fastllm.load(BUNDLED_MODEL).generate("The list type", fastllm.SamplingParams(max_new_tokens=12))
     assert out.stdout.strip() == expected.text.strip()
+
+
+def test_the_installed_wheel_samples_on_its_c_kernels(wheel, installed, tmp_path):
+    assert any(re.fullmatch(r"fastllm/_sampling\.[\w.-]+\.so", n) for n in zipfile.ZipFile(wheel).namelist())
+    code = "from fastllm import native; print(native.description())"
+    assert run(installed / "bin" / "python", "-c", code, cwd=tmp_path).stdout.startswith("C kernels")
+
+
+def test_without_a_c_compiler_the_wheel_builds_without_the_kernels(tmp_path_factory):
+    """The extension is optional: where it cannot compile, the package still builds (the sampler then runs its
+    numpy + ONNX Runtime passes, tested in tests/test_sampler.py as the "numpy" backend)."""
+    names = zipfile.ZipFile(build_wheel(tmp_path_factory, CC="false")).namelist()
+    assert "fastllm/sampler.py" in names and not any(n.endswith(".so") for n in names)
 
 
 def test_installed_top_level_packages_are_only_fastllm(installed, tmp_path):

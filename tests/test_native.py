@@ -1,0 +1,155 @@
+"""The sampler's C kernels (fastllm/_sampling.c) against numpy in float64, called as the Sampler calls them."""
+
+from __future__ import annotations
+
+import multiprocessing
+import platform
+import threading
+
+import numpy as np
+import pytest
+
+from fastllm import native
+
+lib = native.lib
+pytestmark = pytest.mark.skipif(lib is None, reason="checked by test_the_kernels_are_built_here")
+
+
+def test_the_kernels_are_built_here():
+    """scripts/setup.sh builds them (pip, with the C compiler CI has); on x86-64 with AVX2 the vectorised bodies run."""
+    assert native.lib is not None, native.description()
+    assert native.lib.fl_vectorised() == int(platform.machine() == "x86_64" and "avx2" in _cpu_flags())
+    assert native.description().startswith("C kernels")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def exp_rows(x, scale, offset, block, threads=1, rows=None):
+    """fl_exp_rows over the first `rows` rows of x (rows, vocab): (e, cum)."""
+    rows = x.shape[0] if rows is None else rows
+    vocab = x.shape[1]
+    e = np.full_like(x, np.nan)
+    cum = np.full((rows, vocab // block + 1), np.nan)
+    so = np.array([np.broadcast_to(scale, rows), np.broadcast_to(offset, rows)], dtype=np.float32)  # (2, rows)
+    lib.fl_exp_rows(x.ctypes.data, x.strides[0] // 4, e.ctypes.data, e.strides[0] // 4, rows, vocab, so.ctypes.data,
+                    so.ctypes.data + so.strides[0], block, cum.ctypes.data, threads)
+    return e, cum
+
+
+@pytest.mark.parametrize("vocab, block", [(49_152, 1024), (151_936, 1187), (32_003, 1024), (37, 16)])
+def test_exp_rows_and_running_block_sums(vocab, block):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, vocab)) * 4).astype(np.float32)
+    scale, offset = np.array([1.25, 1.0, 0.5]), np.array([0.0, 3.0, -2.0])
+    e, cum = exp_rows(x, scale, offset, block)
+    arg = (x * scale[:, None].astype(np.float32)).astype(np.float64) - offset[:, None]
+    expected = np.exp(arg)
+    np.testing.assert_allclose(e, expected, rtol=2e-6)  # the float32 product's rounding, then < 1e-6 from exp
+    blocks = vocab // block
+    sums = np.add.reduceat(expected, np.arange(0, vocab, block), axis=1)  # (3, blocks or blocks + 1)
+    if sums.shape[1] == blocks:
+        sums = np.concatenate([sums, np.zeros((3, 1))], axis=1)  # no short block: the last entry repeats the total
+    np.testing.assert_allclose(cum, np.cumsum(sums, axis=1), rtol=1e-5)
+    assert (np.diff(cum, axis=1) >= 0).all()
+
+
+def test_exp_of_special_values():
+    values = [-np.inf, np.nan, -1e30, -100.0, -87.4, -87.0, -1.0, 0.0, 1.0, 60.0, 88.0]
+    x = np.zeros((1, 24), dtype=np.float32)
+    x[0, : len(values)] = values
+    x[0, 12 : 12 + len(values)] = values  # the same values again, in the scalar tail of the vectorised loop
+    e, cum = exp_rows(x, 1.0, 0.0, 24)
+    for got in (e[0, : len(values)], e[0, 12 : 12 + len(values)]):
+        assert got[0] == 0 and np.isnan(got[1]) and got[2] == 0 and got[3] == 0 and got[4] == 0  # no denormals
+        np.testing.assert_allclose(got[5:], np.exp(np.array(values[5:], dtype=np.float64)), rtol=1e-6)
+    assert np.isnan(cum[0, -1])  # a NaN logit makes the row's total NaN (the sampler then takes its argmax)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 16, 64])
+def test_a_split_call_gives_the_single_threads_result_bit_for_bit(threads):
+    x = (np.random.default_rng(1).standard_normal((5, 151_936)) * 3).astype(np.float32)
+    alone = exp_rows(x, 1 / 0.8, 0.0, 1187)
+    split = exp_rows(x, 1 / 0.8, 0.0, 1187, threads=threads)
+    np.testing.assert_array_equal(alone[0], split[0])
+    np.testing.assert_array_equal(alone[1], split[1])
+    one_row = exp_rows(x, 1 / 0.8, 0.0, 1187, threads=threads, rows=1)
+    np.testing.assert_array_equal(one_row[0][0], alone[0][0])
+
+
+def test_calls_from_several_threads_at_once():
+    """ctypes lets go of the GIL: two samplers' calls may overlap; one takes the helpers, the other runs alone."""
+    x = (np.random.default_rng(2).standard_normal((4, 49_152)) * 3).astype(np.float32)
+    expected = exp_rows(x, 1.0, 0.0, 1024)
+    failures = []
+
+    def work():
+        for _ in range(50):
+            got = exp_rows(x, 1.0, 0.0, 1024, threads=2)
+            if not (np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])):
+                failures.append(1)
+    workers = [threading.Thread(target=work) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert not any(w.is_alive() for w in workers) and not failures
+
+
+def _split_in_child(queue):
+    x = (np.random.default_rng(3).standard_normal((4, 49_152))).astype(np.float32)
+    queue.put(float(exp_rows(x, 1.0, 0.0, 1024, threads=2)[1][:, -1].sum()))
+
+
+def test_a_forked_child_starts_helpers_of_its_own():
+    x = (np.random.default_rng(3).standard_normal((4, 49_152))).astype(np.float32)
+    expected = float(exp_rows(x, 1.0, 0.0, 1024, threads=2)[1][:, -1].sum())  # the parent's helpers exist now
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_split_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0, "the child hung or failed (helpers inherited from the parent do not exist)"
+    assert queue.get(timeout=5) == expected
+
+
+def top(x, k):
+    ids, values = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.float32)
+    got = lib.fl_top(x.ctypes.data, x.size, k, ids.ctypes.data, values.ctypes.data)
+    return got, ids[:got], values[:got]
+
+
+@pytest.mark.parametrize("k", [1, 5, 20, 64])
+def test_top_is_the_k_largest_largest_first_ties_by_id(k):
+    rng = np.random.default_rng(k)
+    for x in (rng.standard_normal(49_152).astype(np.float32),
+              np.round(rng.standard_normal(49_152) * 2).astype(np.float32),  # many ties
+              np.arange(1000, dtype=np.float32), np.arange(1000, dtype=np.float32)[::-1].copy()):
+        order = np.lexsort((np.arange(x.size), -x))[:k]
+        got, ids, values = top(x, k)
+        assert got == k
+        np.testing.assert_array_equal(ids, order)
+        np.testing.assert_array_equal(values, x[order])
+
+
+def test_top_skips_nan_and_minus_infinity_and_says_how_many_it_found():
+    x = np.full(100, -np.inf, dtype=np.float32)
+    x[[3, 50]] = [1.0, 2.0]
+    x[[7, 8]] = np.nan
+    got, ids, values = top(x, 5)
+    assert got == 2 and ids.tolist() == [50, 3] and values.tolist() == [2.0, 1.0]
+
+
+def test_reaching_and_search():
+    e = np.exp(np.random.default_rng(4).standard_normal(49_155)).astype(np.float32)
+    for w in (e[17], e.max(), e.min(), np.float32(0.0), np.float32(np.inf)):
+        expected = e[e >= w].sum(dtype=np.float64)
+        assert lib.fl_reaching(e.ctypes.data, e.size, float(w)) == pytest.approx(expected, rel=1e-12, abs=0)
+    running = np.cumsum(e[:1024], dtype=np.float64)
+    for target in (0.0, running[0] / 2, running[0], running[500], running[-1] * 0.999, running[-1], running[-1] * 2):
+        assert lib.fl_search(e.ctypes.data, 1024, target) == int(np.searchsorted(running, target, side="right"))
