@@ -19,9 +19,14 @@ _P, _I64, _F32, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c
 _SIGNATURES = {  # name: (result, arguments), as fastllm/_sampling.c declares them
     "fl_vectorised": (ctypes.c_int, ()),
     "fl_exp_rows": (None, (_P, _I64, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _I64)),
+    "fl_max_rows": (None, (_P, _I64, _P, _I64, _I64, _P, _P, _I64)),
+    "fl_draw_rows": (None, (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64)),
     "fl_search": (_I64, (_P, _I64, _F64)),
     "fl_reaching": (_F64, (_P, _I64, _F32)),
+    "fl_inside": (ctypes.c_int, (_P, _I64, _I64, _F64)),
     "fl_top": (_I64, (_P, _I64, _I64, _P, _P)),
+    "fl_top_rows": (None, (_P, _I64, _P, _I64, _I64, _P, _I64, _P, _P, _P, _I64)),
+    "fl_at_least_rows": (None, (_P, _I64, _P, _I64, _I64, _P, _I64, _P, _P, _I64)),
 }
 
 

@@ -391,6 +391,30 @@ def _crossing(weights: np.ndarray, need: float) -> tuple[float, int]:
     return cut, int(np.count_nonzero(ordered[:n] == cut))
 
 
+def _top_k_filtered(kept: np.ndarray, values: np.ndarray, params: SamplingParams,
+                    xmax: float) -> tuple[np.ndarray, np.ndarray]:
+    """The top-k candidates (ids in id order, all ties of the k-th included; their penalised logits) -> (kept ids in
+    id order, weights float64) after top-p and min-p among them."""
+    weights = np.exp((values.astype(np.float64) - xmax) / params.temperature)
+    if params.top_p < 1.0:
+        kept, weights = _nucleus(kept, weights, params.top_p * weights.sum())  # in kept's (id) order
+    if params.min_p > 0:  # relative to the largest weight, which top-p keeps
+        keep = weights >= params.min_p * weights.max()
+        kept, weights = kept[keep], weights[keep]
+    return kept, weights
+
+
+_NATIVE_MIN_P = 1024  # min-p candidates per row the C pass collects; a row with more takes the one-row path
+
+
+def _by_candidates(params: SamplingParams, vocab: int) -> bool:
+    """Whether a sampled row draws by the C candidate passes (`Sampler._draw_candidate_rows`): top-k up to
+    _NATIVE_TOP (with any top-p / min-p), or min-p alone."""
+    if 0 < params.top_k < vocab:
+        return params.top_k <= _NATIVE_TOP
+    return params.min_p > 0 and params.top_p == 1.0
+
+
 def _draw(weights: np.ndarray, u: float) -> int:
     """Inverse CDF: the index i where u * sum(weights) falls, weights (n,) >= 0 and not all 0."""
     cumulative = np.cumsum(weights, dtype=np.float64)
@@ -470,6 +494,7 @@ class Sampler:
         self._scale_offset = np.empty((2, 8), dtype=np.float32)  # the C exp's per-row scales and offsets
         self._top_ids = np.empty(_NATIVE_TOP, dtype=np.int64)  # the C top-k selection's outputs
         self._top_values = np.empty(_NATIVE_TOP, dtype=np.float32)
+        self._small: dict[str, np.ndarray] = {}  # `_scratch`: the C calls' per-row inputs and outputs
 
     def sample(self, logits: np.ndarray, params: SamplingParams | Sequence[SamplingParams],
                rngs: Sequence[np.random.Generator], histories: Sequence[TokenHistory | None] | None = None, *,
@@ -585,14 +610,21 @@ class Sampler:
         ids = np.empty(n, dtype=np.int64)
         logprobs: list[TokenLogprob | None] = [None] * n
         greedy = [i for i, p in enumerate(params) if p.greedy]
-        for start, stop in _runs([rows[i] for i in greedy]):  # greedy: the argmax of consecutive rows at once
-            ids[greedy[start:stop]] = x[rows[greedy[start]] : rows[greedy[stop - 1]] + 1].argmax(axis=1)
         drawn = [i for i, p in enumerate(params) if not p.greedy or p.logprobs is not None]
+        maxima = None
+        if self._lib is not None and len(rows) > 1 and x.dtype == np.float32 and x.strides[1] == 4:  # one C pass
+            # for every row's max and argmax (numpy makes one pass for each, per run of consecutive rows)
+            maxima, argmax = self._max_rows(x, rows)
+            ids[greedy] = argmax[greedy]
+        else:
+            for start, stop in _runs([rows[i] for i in greedy]):  # greedy: the argmax of consecutive rows at once
+                ids[greedy[start:stop]] = x[rows[greedy[start]] : rows[greedy[stop - 1]] + 1].argmax(axis=1)
         if not drawn:
             return ids, logprobs
         exps = [i for i in drawn if _needs_exp(params[i], vocab)]
         xmax, cumulative, offsets = self._passes(x, [rows[i] for i in drawn], [rows[i] for i in exps],
-                                                 [params[i].temperature or 1.0 for i in exps])
+                                                 [params[i].temperature or 1.0 for i in exps],
+                                                 None if maxima is None else maxima[drawn])
         where = {i: k for k, i in enumerate(exps)}
         self._block_cumulative = cumulative
         whole = [i for i in exps if not params[i].greedy and _draws_whole(params[i], vocab)]
@@ -600,6 +632,17 @@ class Sampler:
             ids[whole] = self._draw_whole([where[i] for i in whole], [params[i].top_p for i in whole],
                                           [rngs[i] for i in whole], cumulative)
         done = set(whole)
+        native = self._lib is not None and x.dtype == np.float32 and x.strides[1] == 4
+        by_candidates = [i for i in drawn if native and not params[i].greedy and i not in done
+                         and _by_candidates(params[i], vocab)]
+        if len(by_candidates) > 1:  # top-k / min-p rows: their candidates by one C call, their draws together (one
+            # row alone takes its own numpy pass, faster than the batch's fixed cost: the same tokens either way)
+            position = {i: j for j, i in enumerate(drawn)}
+            ids[by_candidates] = self._draw_candidate_rows(
+                x, [rows[i] for i in by_candidates], [params[i] for i in by_candidates],
+                np.array([xmax[position[i]] for i in by_candidates], dtype=np.float64),
+                [rngs[i] for i in by_candidates])
+            done.update(by_candidates)
         own = self._exp
         try:
             for j, i in enumerate(drawn):
@@ -666,6 +709,8 @@ class Sampler:
                 if top_p[0] >= 1.0 or self._inside_one(k, token, need):
                     return np.array([token], dtype=np.int64)
                 u = rng.random()
+        if self._lib is not None and cumulative.flags.c_contiguous:
+            return self._draw_whole_native(ks, top_p, rngs, cumulative, first)
         ks_all = np.asarray(ks, dtype=np.intp)
         tops = np.asarray(top_p, dtype=np.float64)
         needs = tops * cumulative[ks_all, -1]
@@ -687,6 +732,127 @@ class Sampler:
             for j in pending.tolist():
                 us[j] = rngs[j].random()
         return out
+
+    def _draw_whole_native(self, ks: list[int], top_p: list[float], rngs: list[np.random.Generator],
+                           cumulative: np.ndarray, first: list[float] | None) -> np.ndarray:
+        """`_draw_whole` for several rows by the C draws: each try of every pending row (its inverse CDF and its
+        top-p check, ties by id) in one call, split over the threads; the same rng use and decisions."""
+        e, vocab, m = self._block, self.vocab_size, len(ks)
+        io, at = self._scratch("draw", 5, m)  # (5, capacity) int64: ks, us, needs (float64), tokens, kept
+        ks_all = np.asarray(ks, dtype=np.int64)
+        totals = cumulative[ks_all, -1]
+        tops = np.asarray(top_p, dtype=np.float64)
+        needs = np.where(tops < 1.0, tops * totals, -1.0)  # -1: always kept
+        us = np.array(first if first is not None else [rng.random() for rng in rngs], dtype=np.float64)
+        out = np.empty(m, dtype=np.int64)
+        bad = ~((totals > 0) & (totals < math.inf))  # no mass to draw from (non-finite logits): the largest weight
+        if bad.any():
+            out[bad] = e[ks_all[bad]].argmax(axis=1)
+        pending = np.flatnonzero(~bad)
+        floats, row = io.view(np.float64), io.strides[0]
+        while pending.size:
+            n = pending.size
+            io[0, :n], floats[1, :n], floats[2, :n] = ks_all[pending], us[pending], needs[pending]
+            threads = 1 if n * vocab < _SPLIT_FROM else self.threads
+            self._lib.fl_draw_rows(self._address(e), e.strides[0] // 4, cumulative.ctypes.data,
+                                   cumulative.strides[0] // 8, at, at + row, at + 2 * row, n, vocab, self._blk,
+                                   at + 3 * row, at + 4 * row, threads)
+            kept = io[4, :n] != 0
+            out[pending[kept]] = io[3, :n][kept]
+            pending = pending[~kept]
+            for j in pending.tolist():
+                us[j] = rngs[j].random()
+        return out
+
+    def _draw_candidate_rows(self, x: np.ndarray, rows: list[int], params: list[SamplingParams], xmax: np.ndarray,
+                             rngs: list[np.random.Generator]) -> np.ndarray:
+        """The draws of rows of x (penalised) whose filter is top-k (<= _NATIVE_TOP) or min-p alone, as `_draw` makes
+        them one row at a time (one rng.random() each; the same candidates, weights and inverse CDF): the candidates
+        of all rows by one C call per filter (split over the threads), then the weights, min-p and the draws of all
+        rows at once (zero weights where a row has fewer candidates: the same running sums). A row with top-p takes
+        `_top_k_filtered` on its candidates; one whose candidates the C pass cannot give (more ties of the k-th
+        than it keeps, more than _NATIVE_MIN_P above min-p) takes `_distribution`."""
+        m, vocab = len(rows), x.shape[1]
+        us = np.array([rng.random() for rng in rngs])
+        out = np.empty(m, dtype=np.int64)
+        io, at = self._scratch("candidates", 3, m)  # (3, capacity) int64: rows, ks or thresholds (float32), counts
+        step = io.strides[0]
+        threads = 1 if m * vocab < _SPLIT_FROM else self.threads
+        top_k = [j for j, p in enumerate(params) if 0 < p.top_k < vocab]
+        min_p = [j for j, p in enumerate(params) if not 0 < p.top_k < vocab]
+        for group in (top_k, min_p):
+            if not group:
+                continue
+            g = len(group)
+            io[0, :g] = [rows[j] for j in group]
+            if group is top_k:
+                ks = np.array([params[j].top_k for j in group])
+                width = int(ks.max())
+                found = np.zeros((g, width), dtype=np.int64)  # ids, largest first, ties by id
+                values = np.zeros((g, width), dtype=np.float32)
+                io[1, :g] = ks
+                self._lib.fl_top_rows(x.ctypes.data, x.strides[0] // 4, at, g, vocab, at + step, width,
+                                      found.ctypes.data, values.ctypes.data, at + 2 * step, threads)
+                exact = io[2, :g] != 0
+                valid = np.arange(width) < ks[:, None]
+                order = np.argsort(np.where(valid, found, vocab), axis=1, kind="stable")  # to id order
+                found, values = np.take_along_axis(found, order, 1), np.take_along_axis(values, order, 1)
+                valid = np.take_along_axis(valid, order, 1)
+            else:
+                thresholds = io[1].view(np.float32)  # as numpy compares float32 logits with a Python float
+                thresholds[:g] = [xmax[j] + params[j].temperature * math.log(params[j].min_p) for j in group]
+                width = _NATIVE_MIN_P
+                found = np.zeros((g, width), dtype=np.int64)  # ids at or above the threshold, in id order
+                self._lib.fl_at_least_rows(x.ctypes.data, x.strides[0] // 4, at, g, vocab, at + step, width,
+                                           found.ctypes.data, at + 2 * step, threads)
+                counts = io[2, :g].copy()
+                exact = (counts <= width) & (counts > 0)  # none: NaN logits (the one-row path copes)
+                width = int(max(1, min(counts.max(), width)))
+                found = found[:, :width]
+                valid = np.arange(width) < counts[:, None]
+                found[~valid] = 0
+                values = x[np.array([rows[j] for j in group])[:, None], found]
+            t = np.array([params[j].temperature for j in group])[:, None]
+            weights = np.exp((values.astype(np.float64) - xmax[group][:, None]) / t)  # (g, width)
+            candidates = valid.copy()
+            if group is top_k:  # min-p relative to the largest weight (0: keeps all)
+                lowest = np.array([params[j].min_p for j in group])[:, None] * \
+                    np.where(valid, weights, -np.inf).max(axis=1, keepdims=True)
+                valid &= weights >= lowest
+            running = np.cumsum(np.where(valid, weights, 0.0), axis=1)  # (g, width): the kept ones' running sums
+            drawn = np.count_nonzero(running <= us[group][:, None] * running[:, -1:], axis=1)
+            last = width - 1 - np.argmax(valid[:, ::-1], axis=1)  # u * total past the end: the last kept
+            tokens = found[np.arange(g), np.where(drawn >= width, last, np.minimum(drawn, width - 1))]
+            for r, j in enumerate(group):
+                p = params[j]
+                if not exact[r]:
+                    kept, weights_j = self._distribution(x[rows[j]], p, float(xmax[j]))
+                elif group is top_k and p.top_p < 1.0:
+                    kept, weights_j = _top_k_filtered(found[r][candidates[r]], values[r][candidates[r]], p,
+                                                      float(xmax[j]))
+                else:
+                    out[j] = tokens[r]
+                    continue
+                out[j] = int(kept[_draw(weights_j, float(us[j]))])
+        return out
+
+    def _max_rows(self, x: np.ndarray, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The largest value (float32) and its first id (int64) of each of `rows` of x, as numpy's max and argmax
+        (NaN first), by the C pass split over the threads for a large step."""
+        n = len(rows)
+        io, at = self._scratch("max", 3, n)  # (3, capacity) int64: rows, maxima (float32), argmax
+        io[0, :n] = rows
+        threads = 1 if n * x.shape[1] < _SPLIT_FROM else self.threads
+        self._lib.fl_max_rows(x.ctypes.data, x.strides[0] // 4, at, n, x.shape[1], at + io.strides[0],
+                              at + 2 * io.strides[0], threads)
+        return io[1].view(np.float32)[:n].copy(), io[2, :n].copy()
+
+    def _scratch(self, name: str, fields: int, n: int) -> tuple[np.ndarray, int]:
+        """A (fields, >= n) int64 scratch array of the C calls' small inputs and outputs, and its address."""
+        io = self._small.get(name)
+        if io is None or io.shape[1] < n:
+            io = self._small[name] = np.zeros((fields, max(n, 16)), dtype=np.int64)
+        return io, self._address(io)
 
     def _invert_one(self, k: int, u: float, cumulative: np.ndarray) -> int:
         """Inverse CDF over the exp of row k of self._block: the block where u * total falls from the block cumsums
@@ -711,9 +877,8 @@ class Sampler:
         """`_inside` for the one row k of self._block, the same arithmetic in fewer numpy calls."""
         row = self._block[k]
         w = row[token]
-        if self._lib is not None:
-            reaching = self._lib.fl_reaching(self._address(self._block) + k * row.strides[0], row.size, float(w))
-            return reaching - float(w) < need or _inside_with_ties(row, token, reaching, need)
+        if self._lib is not None:  # the same decision, ties included, in one C pass
+            return bool(self._lib.fl_inside(self._address(self._block) + k * row.strides[0], row.size, token, need))
         if self._mask is None or self._mask.shape[0] < self._block.shape[0]:
             self._mask = np.empty_like(self._block)
         mask = self._mask[0]
@@ -729,34 +894,32 @@ class Sampler:
         e = self._block
         weights = e[ks, tokens]  # (m,)
         reaching = np.empty(ks.size, dtype=np.float32)  # the token, its ties and everything larger
-        if self._lib is not None:  # one C pass per row
-            base, stride = self._address(e), e.strides[0]
-            reaching = np.array([self._lib.fl_reaching(base + k * stride, e.shape[1], w)
-                                 for k, w in zip(ks.tolist(), weights.tolist())])
-        else:
-            if self._mask is None or self._mask.shape[0] < self._block.shape[0]:
-                self._mask = np.empty_like(self._block)
-            for start, stop in _runs(ks.tolist()):
-                lo, hi = int(ks[start]), int(ks[stop - 1]) + 1
-                mask = self._mask[: hi - lo]
-                np.greater_equal(e[lo:hi], weights[start:stop, None], out=mask, casting="unsafe")
-                np.matmul(e[lo:hi, None, :], mask[:, :, None], out=reaching[start:stop, None, None])
+        if self._mask is None or self._mask.shape[0] < self._block.shape[0]:
+            self._mask = np.empty_like(self._block)
+        for start, stop in _runs(ks.tolist()):
+            lo, hi = int(ks[start]), int(ks[stop - 1]) + 1
+            mask = self._mask[: hi - lo]
+            np.greater_equal(e[lo:hi], weights[start:stop, None], out=mask, casting="unsafe")
+            np.matmul(e[lo:hi, None, :], mask[:, :, None], out=reaching[start:stop, None, None])
         ahead = reaching.astype(np.float64) - weights  # an upper bound of the mass ahead (ties after it included)
         inside = ahead < needs
         for j in np.flatnonzero(~inside).tolist():
             inside[j] = _inside_with_ties(e[ks[j]], int(tokens[j]), float(reaching[j]), needs[j])
         return inside
 
-    def _passes(self, x: np.ndarray, maxed: list[int], exps: list[int], temperatures: list[float]) -> tuple:
+    def _passes(self, x: np.ndarray, maxed: list[int], exps: list[int], temperatures: list[float],
+                xmax: np.ndarray | None = None) -> tuple:
         """The full-vocabulary passes of a step over several rows: the max of the rows `maxed` of x (penalised),
         and for the rows `exps` (with their temperatures) exp(x / T - offset) into self._block, as `_exp_row`
-        computes it for one row, its block cumsums and the offsets. One numpy max per run of consecutive rows, one
-        exp kernel call (multiply, exp, block sums; the rows split over its threads) per run."""
+        computes it for one row, its block cumsums and the offsets. One numpy max per run of consecutive rows (or
+        `xmax` given), one exp kernel call (multiply, exp, block sums; the rows split over its threads) per run."""
         vocab = x.shape[1]
         n = len(exps)
         if self._block is None or self._block.shape[0] < n:
             self._block = np.empty((max(n, 8), vocab), dtype=np.float32)  # (rows, vocab), grown rarely
-        if len(maxed) == 1:  # one row: fewer numpy calls
+        if xmax is not None:
+            pass
+        elif len(maxed) == 1:  # one row: fewer numpy calls
             xmax = np.array([x[maxed[0]].max()], dtype=np.float32)
         else:
             xmax = np.empty(len(maxed), dtype=np.float32)  # (rows,)
@@ -864,10 +1027,8 @@ class Sampler:
             if kept.size > params.top_k:
                 kth = np.partition(values, kept.size - params.top_k)[kept.size - params.top_k]
                 kept, values = kept[values >= kth], values[values >= kth]
-            weights = np.exp((values.astype(np.float64) - xmax) / t)
-            if params.top_p < 1.0:
-                kept, weights = _nucleus(kept, weights, params.top_p * weights.sum())
-        elif params.top_p < 1.0:  # the cut needs the whole normaliser: one exp over the vocabulary
+            return _top_k_filtered(kept, values, params, xmax)
+        if params.top_p < 1.0:  # the cut needs the whole normaliser: one exp over the vocabulary
             need = params.top_p * self._exp_row(x, xmax, t)[-1]
             if params.min_p > 0:  # the nucleus is inside min-p's set or contains it: start from that set
                 kept = np.flatnonzero(x >= xmax + t * math.log(params.min_p))

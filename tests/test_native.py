@@ -153,3 +153,89 @@ def test_reaching_and_search():
     running = np.cumsum(e[:1024], dtype=np.float64)
     for target in (0.0, running[0] / 2, running[0], running[500], running[-1] * 0.999, running[-1], running[-1] * 2):
         assert lib.fl_search(e.ctypes.data, 1024, target) == int(np.searchsorted(running, target, side="right"))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_max_rows_are_numpys_max_and_argmax(threads):
+    rng = np.random.default_rng(5)
+    x = np.round(rng.standard_normal((6, 49_157)) * 3).astype(np.float32)  # ties of the max: the first id wins
+    x[1, [10, 20_000]] = np.nan
+    x[2] = -np.inf
+    x[3, -1] = 100.0  # in the scalar tail
+    rows = np.array([5, 0, 1, 2, 3, 4, 0], dtype=np.int64)
+    maxima, argmax = np.empty(rows.size, dtype=np.float32), np.empty(rows.size, dtype=np.int64)
+    lib.fl_max_rows(x.ctypes.data, x.strides[0] // 4, rows.ctypes.data, rows.size, x.shape[1], maxima.ctypes.data,
+                    argmax.ctypes.data, threads)
+    np.testing.assert_array_equal(argmax, x[rows].argmax(axis=1))
+    np.testing.assert_array_equal(maxima, x[rows].max(axis=1))  # NaN where numpy gives NaN
+    assert argmax[2] == 10
+
+
+def ahead(e, token):
+    """The mass ahead of `token` in decreasing order of weight, equal weights by id (float64, by a sort)."""
+    order = np.lexsort((np.arange(e.size), -e))
+    place = int(np.flatnonzero(order == token)[0])
+    return e[order[:place]].sum(dtype=np.float64)
+
+
+@pytest.mark.parametrize("vocab, block", [(49_152, 1024), (32_003, 1024)])
+def test_draw_rows_invert_the_cdf_and_check_the_nucleus(vocab, block):
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((4, vocab)) * 3).astype(np.float32)
+    e, cum = exp_rows(x, 1.0, 0.0, block)
+    ks = np.array([3, 0, 0, 2, 1, 1], dtype=np.int64)
+    us = np.array([0.0, 0.5, 0.999999, 0.25, 1.0 - 1e-12, 0.7])
+    needs = np.array([0.9, -1.0, 0.5, 0.99, 0.9, 0.3]) * cum[ks, -1]
+    needs[1] = -1.0  # no top-p: always kept
+    tokens, kept = np.empty(ks.size, dtype=np.int64), np.full(ks.size, -7, dtype=np.int64)
+    lib.fl_draw_rows(e.ctypes.data, vocab, cum.ctypes.data, cum.shape[1], ks.ctypes.data, us.ctypes.data,
+                     needs.ctypes.data, ks.size, vocab, block, tokens.ctypes.data, kept.ctypes.data, 2)
+    for j, k in enumerate(ks):
+        running = np.cumsum(e[k], dtype=np.float64)
+        expected = min(int(np.searchsorted(running, us[j] * cum[k, -1], side="right")), vocab - 1)
+        near_a_boundary = abs(running[min(tokens[j], expected)] - us[j] * cum[k, -1]) <= 1e-6 * cum[k, -1]
+        assert tokens[j] == expected or abs(tokens[j] - expected) == 1 and near_a_boundary
+        assert kept[j] == (needs[j] < 0 or ahead(e[k], tokens[j]) < needs[j])
+
+
+def test_inside_counts_equal_weights_by_id():
+    e = np.array([0.1, 0.3, 0.2, 0.3, 0.05, 0.3, 0.05] * 3, dtype=np.float32)  # ties at the top and below
+    total = e.sum(dtype=np.float64)
+    for token in range(e.size):
+        for need in np.linspace(0.0, total, 23):
+            assert lib.fl_inside(e.ctypes.data, e.size, token, float(need)) == (ahead(e, token) < need), (token, need)
+
+
+def test_top_rows_flag_the_rows_whose_kth_value_has_ties_outside():
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((3, 20_000)) * 3).astype(np.float32)
+    x[1] = np.round(x[1])  # ties at the k-th value reach beyond the first k
+    x[2, [5, 9]] = np.nan
+    rows, ks = np.array([0, 1, 2, 0], dtype=np.int64), np.array([50, 40, 7, 1], dtype=np.int64)
+    width = 50
+    ids, values = np.zeros((4, width), dtype=np.int64), np.zeros((4, width), dtype=np.float32)
+    exact = np.full(4, -1, dtype=np.int64)
+    lib.fl_top_rows(x.ctypes.data, x.strides[0] // 4, rows.ctypes.data, 4, x.shape[1], ks.ctypes.data, width,
+                    ids.ctypes.data, values.ctypes.data, exact.ctypes.data, 2)
+    for j, row in enumerate(rows):
+        finite = np.where(np.isnan(x[row]), -np.inf, x[row])
+        order = np.lexsort((np.arange(x.shape[1]), -finite))[:width]
+        np.testing.assert_array_equal(ids[j], order)
+        kth = finite[order[ks[j] - 1]]
+        assert exact[j] == (np.count_nonzero(finite == kth) == np.count_nonzero(finite[order[: ks[j]]] == kth))
+    assert exact.tolist() == [1, 0, 1, 1]
+
+
+def test_at_least_rows_are_the_ids_at_or_above_each_threshold():
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((2, 30_001))).astype(np.float32)
+    rows, thresholds = np.array([1, 0], dtype=np.int64), np.array([2.5, 0.0], dtype=np.float32)
+    width = 100
+    ids, counts = np.full((2, width), -1, dtype=np.int64), np.zeros(2, dtype=np.int64)
+    lib.fl_at_least_rows(x.ctypes.data, x.strides[0] // 4, rows.ctypes.data, 2, x.shape[1], thresholds.ctypes.data,
+                         width, ids.ctypes.data, counts.ctypes.data, 2)
+    for j, row in enumerate(rows):
+        expected = np.flatnonzero(x[row] >= thresholds[j])
+        assert counts[j] == expected.size
+        np.testing.assert_array_equal(ids[j, : min(width, expected.size)], expected[:width])
+    assert counts[1] > width  # more than fit: counted, the first `width` written

@@ -480,3 +480,30 @@ def test_non_finite_logits_give_a_token_not_a_crash_or_a_hang(mode):
     for batch in (rows[:1], rows):
         ids, _ = sampler.sample(batch.copy(), SamplingParams(**mode), [np.random.default_rng(0)] * len(batch))
         assert ((0 <= ids) & (ids < vocab)).all()
+
+
+@pytest.mark.parametrize("mode", [
+    pytest.param(SamplingParams(temperature=0.8, top_k=40), id="top_k-ties-at-the-kth"),
+    pytest.param(SamplingParams(temperature=0.8, top_k=40, top_p=0.7, min_p=0.1), id="top_k-top_p-min_p-ties"),
+    pytest.param(SamplingParams(temperature=1.5, min_p=0.3), id="min_p-many-candidates"),
+])
+def test_candidate_draws_where_ties_or_many_candidates_take_the_one_row_path(mode):
+    """Rounded logits: dozens of ids tie at the k-th value (all of them are candidates); flat logits at a high
+    temperature: thousands pass min-p. The draws still invert `probabilities`' distribution."""
+    rng = np.random.default_rng(7)
+    logits = np.round(rng.standard_normal(V) * 2).astype(np.float32) if mode.top_k else \
+        (rng.standard_normal(V) * 0.3).astype(np.float32)
+    expected = probabilities(logits, mode)
+    if mode.top_k:  # the case is what it says: more ids reach the k-th value than k
+        assert np.count_nonzero(logits >= np.sort(logits)[-mode.top_k]) > mode.top_k
+    else:
+        assert np.count_nonzero(expected) > 1024
+    cumulative = np.cumsum(expected)
+    us = (np.arange(200) + 0.5) / 200
+    drawn = np.array([sample(logits, mode, FixedDraw(u)) for u in us])
+    wanted = np.minimum(np.searchsorted(cumulative, us * cumulative[-1], side="right"), V - 1)
+    near_a_boundary = np.abs(cumulative[wanted] - us) < 1e-5
+    assert np.all((drawn == wanted) | near_a_boundary)
+    rows = np.stack([logits, logits[::-1].copy()])  # and a row draws the same in a batch of two as alone
+    ids, _ = Sampler(V).sample(rows, mode, [FixedDraw(0.37), FixedDraw(0.37)])
+    assert ids.tolist() == [sample(logits, mode, FixedDraw(0.37)), sample(rows[1], mode, FixedDraw(0.37))]
