@@ -8,8 +8,10 @@
  *   fl_reaching   the mass of the weights >= w; fl_inside the top-p check of one drawn token, ties by id
  *   fl_top        the k largest values of a row, largest first, ties by the smaller id; fl_top_rows over rows
  *   fl_at_least_rows  the ids of the entries at or above a threshold, over rows (min-p's candidates)
- * The vectorised bodies are compiled for AVX2 + FMA (a target attribute, not a build flag), chosen at run time by
- * the CPU's flags; other CPUs take the scalar bodies, same arithmetic up to rounding. exp is Cody-Waite range
+ * The vectorised bodies are compiled for AVX2 + FMA, and the exp, max and top-p mass for AVX-512 too (target
+ * attributes, not build flags), chosen at run time by the CPU's flags; other CPUs take the scalar bodies, the same
+ * arithmetic up to rounding (each exp is the same float in the AVX2 and AVX-512 bodies, their sums differ in order
+ * only). exp is Cody-Waite range
  * reduction to |r| <= ln2 / 2 and the degree-7 Taylor polynomial there (relative error < 1e-8 before rounding):
  * below -87.3 it is 0 (no denormals), NaN stays NaN.
  * A large call is split over a few helper threads of its own (made on first use; after a part they poll for
@@ -249,18 +251,137 @@ FL_AVX2 static int64_t at_least_avx2(const float *x, int64_t n, float threshold,
     return count;
 }
 
-static int use_avx2(void) {
-    static int known = -1;
-    if (known < 0) {
-        __builtin_cpu_init();
-        known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    }
-    return known;
+/* -- AVX-512 bodies (the same arithmetic 16 lanes at a time: each exp is bit-identical to exp8's) -------------- */
+#define FL_AVX512 __attribute__((target("avx512f,avx2,fma")))
+
+FL_AVX512 static __m512 exp16(__m512 x) {
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(FL_EXP_LO), _CMP_NLT_UQ);  /* NaN kept */
+    x = _mm512_min_ps(_mm512_set1_ps(FL_EXP_HI), x);
+    const __m512 magic = _mm512_set1_ps(12582912.0f);
+    __m512 shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(FL_LOG2E), magic);
+    __m512 n = _mm512_sub_ps(shifted, magic);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(FL_LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(FL_LN2_LO), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512i bits = _mm512_add_epi32(_mm512_slli_epi32(_mm512_castps_si512(shifted), 23), _mm512_set1_epi32(127 << 23));
+    return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(bits));
 }
+
+FL_AVX512 static float exp_block_avx512(const float *x, float *e, int64_t n, float scale, float offset) {
+    const __m512 vs = _mm512_set1_ps(scale), vo = _mm512_set1_ps(offset);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
+           acc3 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {  /* four independent exps in flight */
+        __m512 a = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(x + i), vs, vo));
+        __m512 b = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(x + i + 16), vs, vo));
+        __m512 c = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(x + i + 32), vs, vo));
+        __m512 d = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(x + i + 48), vs, vo));
+        _mm512_storeu_ps(e + i, a);
+        _mm512_storeu_ps(e + i + 16, b);
+        _mm512_storeu_ps(e + i + 32, c);
+        _mm512_storeu_ps(e + i + 48, d);
+        acc0 = _mm512_add_ps(acc0, a);
+        acc1 = _mm512_add_ps(acc1, b);
+        acc2 = _mm512_add_ps(acc2, c);
+        acc3 = _mm512_add_ps(acc3, d);
+    }
+    acc0 = _mm512_add_ps(acc0, acc2);
+    acc1 = _mm512_add_ps(acc1, acc3);
+    for (; i + 16 <= n; i += 16) {
+        __m512 a = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(x + i), vs, vo));
+        _mm512_storeu_ps(e + i, a);
+        acc0 = _mm512_add_ps(acc0, a);
+    }
+    if (i < n) {  /* the tail under a mask: the same exp as the full vectors */
+        const __mmask16 tail = (__mmask16)((1u << (n - i)) - 1);
+        __m512 a = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, x + i), vs, vo));
+        _mm512_mask_storeu_ps(e + i, tail, a);
+        acc1 = _mm512_add_ps(acc1, _mm512_maskz_mov_ps(tail, a));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+/* reaching_avx2's sum and count, 16 lanes at a time */
+FL_AVX512 static double reaching_avx512(const float *e, int64_t n, float w, int64_t *equal) {
+    const __m512 vw = _mm512_set1_ps(w);
+    __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+    int64_t i = 0, count = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(e + i);
+        count += __builtin_popcount((unsigned)_mm512_cmp_ps_mask(v, vw, _CMP_EQ_OQ));
+        v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, vw, _CMP_GE_OQ), v);
+        acc0 = _mm512_add_pd(acc0, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+        acc1 = _mm512_add_pd(acc1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+    }
+    double sum = _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
+    for (; i < n; i++) {
+        if (e[i] >= w) sum += e[i];
+        count += e[i] == w;
+    }
+    *equal = count;
+    return sum;
+}
+
+/* max_avx2's pass, 32 at a time (two chains of 16 lanes); returns where it stopped (n rounded down to 32) */
+FL_AVX512 static int64_t max_avx512(const float *x, int64_t n, float *best, int64_t *arg, int64_t *nan_seen) {
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+    __m512i i0 = _mm512_setzero_si512(), i1 = i0;
+    __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i sixteen = _mm512_set1_epi32(16), thirty_two = _mm512_set1_epi32(32);
+    __mmask16 nan = 0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
+        nan |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q);
+        __mmask16 ga = _mm512_cmp_ps_mask(a, m0, _CMP_GT_OQ), gb = _mm512_cmp_ps_mask(b, m1, _CMP_GT_OQ);
+        m0 = _mm512_mask_mov_ps(m0, ga, a);
+        m1 = _mm512_mask_mov_ps(m1, gb, b);
+        i0 = _mm512_mask_mov_epi32(i0, ga, at);
+        i1 = _mm512_mask_mov_epi32(i1, gb, _mm512_add_epi32(at, sixteen));
+        at = _mm512_add_epi32(at, thirty_two);
+    }
+    float values[32];
+    int32_t ids[32];
+    _mm512_storeu_ps(values, m0);
+    _mm512_storeu_ps(values + 16, m1);
+    _mm512_storeu_si512(ids, i0);
+    _mm512_storeu_si512(ids + 16, i1);
+    for (int j = 0; j < 32; j++)
+        if (values[j] > *best || (values[j] == *best && values[j] > -INFINITY && ids[j] < *arg)) {
+            *best = values[j];
+            *arg = ids[j];
+        }
+    *nan_seen |= nan != 0;
+    return i;
+}
+
+/* the widest bodies this CPU runs: 2 AVX-512, 1 AVX2 + FMA, 0 scalar (fl_limit lowers it, for tests) */
+static int isa = -1;
+
+static int isa_level(void) {
+    if (isa < 0) {
+        __builtin_cpu_init();
+        int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        isa = avx2 ? 1 + (__builtin_cpu_supports("avx512f") != 0) : 0;
+    }
+    return isa;
+}
+
+static int use_avx2(void) { return isa_level() >= 1; }
+static int use_avx512(void) { return isa_level() >= 2; }
 #endif
 
 static float exp_block(const float *x, float *e, int64_t n, float scale, float offset) {
 #ifdef FL_X86
+    if (use_avx512()) return exp_block_avx512(x, e, n, scale, offset);
     if (use_avx2()) return exp_block_avx2(x, e, n, scale, offset);
 #endif
     return exp_block_scalar(x, e, n, scale, offset);
@@ -299,11 +420,24 @@ static int64_t next_above(const float *x, int64_t from, int64_t n, float thresho
 
 /* -- the entry points ---------------------------------------------------------------------------------------- */
 
-/* 1 where the vectorised bodies run, 0 where the scalar ones do */
+/* 2 where the AVX-512 bodies run, 1 where the AVX2 + FMA ones do, 0 where the scalar ones do */
 int fl_vectorised(void) {
 #ifdef FL_X86
-    return use_avx2();
+    return isa_level();
 #else
+    return 0;
+#endif
+}
+
+/* run no wider bodies than `level` (as fl_vectorised counts) from now on; returns the level in force. For tests
+ * that compare the bodies on one machine: not thread-safe against calls running at the same time. */
+int fl_limit(int level) {
+#ifdef FL_X86
+    int widest = (isa = -1, isa_level());
+    isa = level < widest ? (level < 0 ? 0 : level) : widest;
+    return isa;
+#else
+    (void)level;
     return 0;
 #endif
 }
@@ -472,7 +606,8 @@ static void max_row(const float *x, int64_t n, float *max_out, int64_t *arg_out)
     int64_t i = 0, nan_seen = 0, arg = 0;
     float best = -INFINITY;
 #ifdef FL_X86
-    if (use_avx2()) i = max_avx2(x, n, &best, &arg, &nan_seen);
+    if (use_avx512()) i = max_avx512(x, n, &best, &arg, &nan_seen);
+    else if (use_avx2()) i = max_avx2(x, n, &best, &arg, &nan_seen);
 #endif
     for (; i < n; i++) {
         if (x[i] != x[i]) nan_seen = 1;
@@ -580,6 +715,7 @@ static int64_t search(const float *e, int64_t n, double target) {
 /* The sum (float64) of the entries of e[0:n] that are >= w, and in *equal how many are == w. */
 static double reaching(const float *e, int64_t n, float w, int64_t *equal) {
 #ifdef FL_X86
+    if (use_avx512()) return reaching_avx512(e, n, w, equal);
     if (use_avx2()) return reaching_avx2(e, n, w, equal);
 #endif
     return reaching_scalar(e, n, w, equal);

@@ -18,6 +18,7 @@ from pathlib import Path
 _P, _I64, _F32, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double
 _SIGNATURES = {  # name: (result, arguments), as fastllm/_sampling.c declares them
     "fl_vectorised": (ctypes.c_int, ()),
+    "fl_limit": (ctypes.c_int, (ctypes.c_int,)),
     "fl_exp_rows": (None, (_P, _I64, _P, _I64, _I64, _I64, _P, _P, _I64, _P, _I64)),
     "fl_max_rows": (None, (_P, _I64, _P, _I64, _I64, _P, _P, _I64)),
     "fl_draw_rows": (None, (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _I64)),
@@ -64,4 +65,4 @@ def description() -> str:
     """What the sampler runs on, for `fastllm info` and bench reports."""
     if lib is None:
         return "numpy + ONNX Runtime (the C sampling kernels are not built or FASTLLM_NATIVE=0)"
-    return f"C kernels ({'AVX2 + FMA' if lib.fl_vectorised() else 'scalar'})"
+    return f"C kernels ({('scalar', 'AVX2 + FMA', 'AVX-512')[lib.fl_vectorised()]})"

@@ -12,13 +12,22 @@ import pytest
 from fastllm import native
 
 lib = native.lib
-pytestmark = pytest.mark.skipif(lib is None, reason="checked by test_the_kernels_are_built_here")
+
+
+@pytest.fixture(autouse=True)
+def _built(request):
+    """Without the built kernels the tests below skip, but the first one fails: setup.sh builds them."""
+    if lib is None and request.node.name != "test_the_kernels_are_built_here":
+        pytest.skip("checked by test_the_kernels_are_built_here")
 
 
 def test_the_kernels_are_built_here():
-    """scripts/setup.sh builds them (pip, with the C compiler CI has); on x86-64 with AVX2 the vectorised bodies run."""
+    """scripts/setup.sh builds them (pip, with the C compiler CI has); on x86-64 the widest bodies the CPU has run
+    (AVX-512 where it has avx512f, else AVX2 where it has avx2)."""
     assert native.lib is not None, native.description()
-    assert native.lib.fl_vectorised() == int(platform.machine() == "x86_64" and "avx2" in _cpu_flags())
+    flags = _cpu_flags().split() if platform.machine() == "x86_64" else []
+    widest = 0 if "avx2" not in flags else 2 if "avx512f" in flags else 1
+    assert native.lib.fl_vectorised() == widest
     assert native.description().startswith("C kernels")
 
 
@@ -239,3 +248,40 @@ def test_at_least_rows_are_the_ids_at_or_above_each_threshold():
         assert counts[j] == expected.size
         np.testing.assert_array_equal(ids[j, : min(width, expected.size)], expected[:width])
     assert counts[1] > width  # more than fit: counted, the first `width` written
+
+
+@pytest.fixture
+def levels():
+    """The kernel bodies this CPU can run (0 scalar, 1 AVX2 + FMA, 2 AVX-512); the widest is restored after."""
+    widest = lib.fl_limit(99)
+    yield list(range(widest + 1))
+    lib.fl_limit(99)
+
+
+def test_every_body_gives_the_same_exp_max_and_mass(levels):
+    """The scalar, AVX2 and AVX-512 bodies: the vectorised ones give each exp as the same float (the scalar one rounds
+    x * scale before the offset and its exponent's product: within an ulp of the argument), block sums within their
+    order's rounding, the same max and argmax (first of equals, NaN first) and top-p mass, tails of every length."""
+    rng = np.random.default_rng(9)
+    for vocab in (49_152, 1187 * 3 + 5, 37, 16, 5):
+        x = np.round(rng.standard_normal((3, vocab)) * 40, 1).astype(np.float32)  # ties, and below exp's floor
+        x[1, vocab // 2] = np.nan
+        x[2, -1] = 500.0  # the last entry, in every body's tail
+        results = []
+        for level in levels:
+            assert lib.fl_limit(level) == level
+            e, cum = exp_rows(x, 1 / 0.7, 2.0, min(vocab, 1187))
+            rows = np.arange(3, dtype=np.int64)
+            maxima, argmax = np.empty(3, dtype=np.float32), np.empty(3, dtype=np.int64)
+            lib.fl_max_rows(x.ctypes.data, vocab, rows.ctypes.data, 3, vocab, maxima.ctypes.data, argmax.ctypes.data, 1)
+            mass = [lib.fl_reaching(e[0].ctypes.data, vocab, float(w)) for w in (e[0, 3], e[0].max(), 0.0)]
+            results.append((e, cum, maxima, argmax, mass))
+        for level, (e, cum, maxima, argmax, mass) in enumerate(results[1:], start=1):
+            if level > 1:
+                np.testing.assert_array_equal(e, results[1][0])
+            np.testing.assert_allclose(e, results[0][0], rtol=3e-5)
+            np.testing.assert_allclose(cum, results[0][1], rtol=1e-6)
+            np.testing.assert_array_equal(maxima, results[0][2])
+            np.testing.assert_array_equal(argmax, results[0][3])
+            np.testing.assert_allclose(mass, results[0][4], rtol=1e-12)
+        np.testing.assert_array_equal(results[0][3], x.argmax(axis=1))
