@@ -11,9 +11,8 @@
  * The vectorised bodies are compiled for AVX2 + FMA, and the exp, max and top-p mass for AVX-512 too (target
  * attributes, not build flags), chosen at run time by the CPU's flags; other CPUs take the scalar bodies, the same
  * arithmetic up to rounding (each exp is the same float in the AVX2 and AVX-512 bodies, their sums differ in order
- * only). exp is Cody-Waite range
- * reduction to |r| <= ln2 / 2 and the degree-7 Taylor polynomial there (relative error < 1e-8 before rounding):
- * below -87.3 it is 0 (no denormals), NaN stays NaN.
+ * only). exp is Cody-Waite range reduction to |r| <= ln2 / 2 and the degree-7 Taylor polynomial there (relative
+ * error < 1e-8 before rounding): below -87.3 it is 0 (no denormals), NaN stays NaN.
  * A large call is split over a few helper threads of its own (made on first use; after a part they poll for
  * ~50 us, then sleep, so they hold no core the model's session needs for longer than that).
  */
@@ -433,7 +432,8 @@ int fl_vectorised(void) {
  * that compare the bodies on one machine: not thread-safe against calls running at the same time. */
 int fl_limit(int level) {
 #ifdef FL_X86
-    int widest = (isa = -1, isa_level());
+    isa = -1;
+    int widest = isa_level();
     isa = level < widest ? (level < 0 ? 0 : level) : widest;
     return isa;
 #else
